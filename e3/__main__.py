@@ -1,0 +1,3 @@
+from e3.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The `e3` command line: `run` trains, `inspect` shows the base policy and an allocation.
+
+    python -m e3 run [--config FILE] [--preset NAME] [--steps N] [--replicas N] [--run-dir DIR]
+    python -m e3 inspect [--batch 20] [--samples 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from e3.config import PRESETS, ConfigError, load_config
+
+
+def _run(args) -> int:
+    from rich.console import Console
+
+    from services.launcher import run_training
+
+    overrides: dict = {}
+    if args.preset:
+        overrides["preset"] = args.preset
+    if args.steps:
+        overrides["training"] = {"steps": args.steps}
+    if args.replicas:
+        overrides["generation"] = {"replicas": args.replicas}
+    config = load_config(args.config, **overrides)
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    latest = Path("runs/latest")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.parent == latest.parent and run_dir.name != "latest":
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(run_dir.name)
+    summary = run_training(config, run_dir)
+    console = Console()
+    console.print(f"[bold]run finished[/bold] in {summary['wall_s']:.0f}s: {summary['steps']} steps, {summary['rollouts']} rollouts")
+    if summary["base_val_accuracy"] is not None:
+        console.print(f"validation accuracy {summary['base_val_accuracy']:.3f} -> {summary['final_val_accuracy']:.3f}")
+        for key, base in summary["base_by_level"].items():
+            console.print(f"  level {key.removeprefix('val_accuracy_L')}: {base:.3f} -> {summary['final_by_level'].get(key, float('nan')):.3f}")
+    console.print(f"run directory: {run_dir} (metrics.jsonl, plots/, final-model/, logs/)")
+    return 0
+
+
+def _inspect(args) -> int:
+    """Per-level accuracy of the base policy on a batch, and E3's allocation for that batch."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from e3.core.allocation import WideningSchedule, allocate_by_difficulty, allocate_uniform
+    from e3.core.difficulty import QuestionStats, accuracy_ranks
+    from e3.model.base import ensure_base_model
+    from e3.model.evaluate import complete
+    from e3.tasks import arithmetic
+
+    model_dir = ensure_base_model(Path(args.artifacts))
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = arithmetic.make_questions("valid", args.batch, seed=args.seed)
+    completions = complete(model, tokenizer, [q.prompt for q in batch], samples=args.samples, temperature=1.0, seed=args.seed)
+    stats = {q.id: QuestionStats().plus([float(arithmetic.is_correct(t, q.answer)) for t in texts])
+             for q, texts in zip(batch, completions)}
+    ranks = accuracy_ranks([q.id for q in batch], stats)
+    schedule = WideningSchedule()
+    n_min, n_max = schedule.bounds(2)
+    budget = schedule.budget(len(batch))
+    counts = allocate_by_difficulty([ranks[q.id] for q in batch], budget, n_min, n_max)
+    uniform = allocate_uniform(len(batch), budget)
+
+    print(f"base model: {model_dir}")
+    by_level: dict[int, list[float]] = {}
+    for q in batch:
+        by_level.setdefault(q.level, []).append(stats[q.id].accuracy)
+    print(f"per-level accuracy over {args.samples} samples at T=1 ({len(batch)} validation questions):")
+    for level in sorted(by_level):
+        accs = by_level[level]
+        print(f"  level {level} ({arithmetic.LEVELS[level]}): {sum(accs) / len(accs):.3f}")
+    print(f"\nE3 allocation for this batch (budget R={budget}, n_min={n_min}, n_max={n_max}; uniform gives {uniform[0]}):")
+    print(f"  {'question':<14}{'level':>6}{'accuracy':>10}{'rank':>7}{'rollouts':>10}")
+    for q, count in sorted(zip(batch, counts), key=lambda qc: ranks[qc[0].id]):
+        print(f"  {q.prompt:<14}{q.level:>6}{stats[q.id].accuracy:>10.3f}{ranks[q.id]:>7.2f}{count:>10}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="e3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="E3 training with the four services as local processes")
+    run.add_argument("--config", help="YAML config file")
+    run.add_argument("--preset", choices=sorted(PRESETS))
+    run.add_argument("--steps", type=int)
+    run.add_argument("--replicas", type=int)
+    run.add_argument("--run-dir")
+    inspect = sub.add_parser("inspect", help="base policy per-level accuracy and an E3 allocation for one batch")
+    inspect.add_argument("--batch", type=int, default=20)
+    inspect.add_argument("--samples", type=int, default=8)
+    inspect.add_argument("--seed", type=int, default=0)
+    inspect.add_argument("--artifacts", default="artifacts")
+    args = parser.parse_args(argv)
+    try:
+        return {"run": _run, "inspect": _inspect}[args.command](args)
+    except ConfigError as exc:
+        print(f"e3: {exc}", file=sys.stderr)
+        return 2

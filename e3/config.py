@@ -1,0 +1,208 @@
+"""One typed configuration tree for a run, with the paper's settings as presets.
+
+Precedence, lowest first: the preset (`cpu` by default), a YAML file, then
+environment variables. An environment variable `E3_<SECTION>__<FIELD>`
+overrides one field (`E3_TRAINING__STEPS=20`); a few common ones have short
+names (`E3_STORE_URL`, `E3_API_TOKEN`, `E3_RUN_DIR`). Every flag is read
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which questions to train and validate on."""
+
+    task: Literal["arithmetic", "math"] = "arithmetic"
+    train_size: int = Field(2000, ge=1, description="arithmetic: training questions generated")
+    valid_size: int = Field(250, ge=1, description="arithmetic: validation questions generated")
+    seed: int = 0
+    math_train_path: str = "../shared/data/e3-math/train.parquet"
+    math_valid_path: str = "../shared/data/e3-math/valid.parquet"
+    shuffle: bool = True
+
+
+class AllocationConfig(_Section):
+    """E3.md section 1: rollout budget per question."""
+
+    mode: Literal["e3", "uniform"] = "e3"
+    n: int = Field(8, ge=1, description="uniform group size; budget R = batch_questions * n")
+    n_low: int = Field(4, ge=1)
+    n_high: int = Field(12, ge=1)
+    n_update: int = Field(2, ge=0)
+    rerank: Literal["epoch", "step"] = Field("epoch", description="when ranks are recomputed (the paper: epoch)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AllocationConfig":
+        if not self.n_low <= self.n <= self.n_high:
+            raise ValueError(f"allocation needs n_low <= n <= n_high, got {self.n_low}, {self.n}, {self.n_high}")
+        return self
+
+
+class TemperatureSettings(_Section):
+    """E3.md section 2: entropy-targeting temperature control."""
+
+    control: bool = True
+    initial: float = Field(1.0, gt=0)
+    init_steps: int = Field(1, ge=0)
+    target_entropy: float | None = Field(None, gt=0)
+    annealing: bool = False
+    annealing_ratio: float = Field(0.4, ge=0, le=1)
+    annealing_factor: float = Field(0.9, gt=0, le=1)
+    min: float = Field(0.05, gt=0)
+    max: float = Field(5.0, gt=0)
+
+
+class TrainingConfig(_Section):
+    """GRPO settings (E3.md section 3) and the run's length."""
+
+    steps: int = Field(12, ge=1)
+    batch_questions: int = Field(32, ge=1, description="B: questions per step")
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    mini_batches: int = Field(2, ge=1, description="optimizer steps per training step")
+    micro_batch: int = Field(256, ge=1, description="sequences per forward/backward pass")
+    max_tokens: int = Field(16, ge=1, description="longest response sampled")
+    seed: int = 0
+    checkpoint_every: int = Field(1, ge=1)
+    max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
+
+
+class SchedulerConfig(_Section):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8100, ge=0, le=65535)
+    grpc_port: int = Field(8101, ge=0, le=65535)
+    store_url: str = "memory://"
+    lease_s: float = Field(60.0, gt=0)
+    run_id: str = "e3"
+
+
+class GenerationConfig(_Section):
+    replicas: int = Field(1, ge=1)
+    max_tasks_per_lease: int = Field(64, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    cpu_kv_cache_gb: int = Field(1, ge=1)
+    http_port: int = Field(8300, ge=0, le=65535, description="metrics/health port of the first replica")
+
+
+class RewardConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8200, ge=0, le=65535)
+    timeout_s: float = Field(2.0, gt=0)
+
+
+class TrainerConfig(_Section):
+    http_port: int = Field(8400, ge=0, le=65535, description="metrics/health port")
+    device: str = "cpu"
+    threads: int = Field(2, ge=1)
+
+
+class E3Config(_Section):
+    preset: str = "cpu"
+    run_dir: str = "runs/latest"
+    artifacts_dir: str = "artifacts"
+    base_model: str | None = Field(None, description="model directory; None builds the arithmetic base model")
+    api_token: str | None = Field(None, description="bearer token for mutating HTTP calls and all gRPC calls")
+    validation_every: int = Field(4, ge=1)
+    data: DataConfig = DataConfig()
+    allocation: AllocationConfig = AllocationConfig()
+    temperature: TemperatureSettings = TemperatureSettings()
+    training: TrainingConfig = TrainingConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    generation: GenerationConfig = GenerationConfig()
+    reward: RewardConfig = RewardConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+
+# The paper's runs (E3.md sections 1-4) and the CPU-sized default.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "paper": {
+        "data": {"task": "math"},
+        "allocation": {"mode": "e3", "n": 8, "n_low": 4, "n_high": 12, "n_update": 2, "rerank": "epoch"},
+        "temperature": {"control": True, "initial": 1.0, "init_steps": 1, "annealing": True},
+        "training": {"batch_questions": 64, "steps": 480, "learning_rate": 1e-6, "clip_high": 0.2, "max_tokens": 8192},
+    },
+    "grpo": {"allocation": {"mode": "uniform"}, "temperature": {"control": False}},
+    "e3-allocation-only": {"temperature": {"control": False}},
+    "e3-temperature-only": {"allocation": {"mode": "uniform"}},
+}
+
+SHORT_ENV = {
+    "E3_STORE_URL": ("scheduler", "store_url"),
+    "E3_API_TOKEN": ("api_token",),
+    "E3_RUN_DIR": ("run_dir",),
+    "E3_PRESET": ("preset",),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names where it came from."""
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict:
+    overrides: dict = {}
+    for name, path in SHORT_ENV.items():
+        if name in environ:
+            _set_path(overrides, path, environ[name])
+    for name, value in environ.items():
+        if name.startswith("E3_") and "__" in name:
+            path = tuple(part.lower() for part in name[3:].split("__"))
+            # YAML parsing turns "20" into 20 and "true" into True; pydantic checks the rest.
+            _set_path(overrides, path, yaml.safe_load(value) if value != "" else None)
+    return overrides
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> E3Config:
+    """Preset, then file, then environment, then keyword overrides (nested dicts)."""
+    environ = os.environ if environ is None else environ
+    file_values: dict = {}
+    if path is not None:
+        try:
+            file_values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    env_values = _env_overrides(environ)
+    preset = overrides.get("preset") or env_values.get("preset") or file_values.get("preset") or "cpu"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    merged = _merge(_merge(_merge(_merge({"preset": preset}, PRESETS[preset]), file_values), env_values), overrides)
+    try:
+        return E3Config.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid e3 configuration ({problems})") from exc

@@ -1,0 +1,40 @@
+"""One module for every metric name e3 exports; code and dashboards read the same names."""
+
+# Reward service (services/reward). Labels: verifier = arithmetic | math;
+# outcome = correct | incorrect | timeout | error (see e3.verify.Verdict.outcome).
+REWARD_VERIFICATIONS_TOTAL = "e3_reward_verifications_total"
+REWARD_LATENCY_SECONDS = "e3_reward_latency_seconds"
+REWARD_TIMEOUTS_TOTAL = "e3_reward_timeouts_total"
+
+# Scheduler service (services/scheduler).
+ROLLOUTS_PLANNED_TOTAL = "e3_rollouts_planned_total"
+ROLLOUTS_GENERATED_TOTAL = "e3_rollouts_generated_total"  # accepted in submitted groups, scored
+ROLLOUTS_TRAINED_TOTAL = "e3_rollouts_trained_total"
+ALLOCATION_ROLLOUTS = "e3_allocation_rollouts"  # histogram: rollouts given to one question
+GROUPS_TOTAL = "e3_groups_total"  # label outcome = all_correct | all_wrong | mixed
+GROUP_OUTCOME_SHARE = "e3_group_outcome_share"  # last trained step; label outcome
+TEMPERATURE = "e3_temperature"
+ENTROPY = "e3_entropy"
+ENTROPY_TARGET = "e3_entropy_target"
+VALIDATION_ACCURACY = "e3_validation_accuracy"  # label level = all | 1..5
+STEP = "e3_step"
+EPOCH = "e3_epoch"
+POLICY_VERSION = "e3_policy_version"
+ROLLOUT_BOUNDS = "e3_rollout_bounds"  # label bound = n_min | n_max
+QUEUE_DEPTH = "e3_queue_depth"
+LEASED_TASKS = "e3_leased_tasks"
+LEASE_EXPIRIES_TOTAL = "e3_lease_expiries_total"
+SUBMISSIONS_TOTAL = "e3_submissions_total"  # label result = accepted | duplicate | rejected
+
+# Generation service (services/generation). Label replica on every series.
+GENERATION_TOKENS_TOTAL = "e3_generation_tokens_total"
+GENERATION_TOKENS_PER_SECOND = "e3_generation_tokens_per_second"
+WEIGHT_SYNC_SECONDS = "e3_weight_sync_seconds"
+REPLICA_POLICY_VERSION = "e3_replica_policy_version"
+POLICY_STALENESS = "e3_policy_staleness"  # scheduler's version minus the replica's
+GENERATION_REWARD_RETRIES_TOTAL = "e3_generation_reward_retries_total"
+
+# Trainer service (services/trainer).
+TRAINER_STEP_SECONDS = "e3_trainer_step_seconds"  # histogram; label phase = wait | forward_backward | publish | validate
+TRAINER_LOSS = "e3_trainer_loss"
+TRAINER_SKIPPED_STEPS_TOTAL = "e3_trainer_skipped_steps_total"

@@ -1,0 +1,145 @@
+"""Supervised warm-start: teach the tiny Llama the arithmetic format and some of the skill.
+
+The E3 experiments need a base policy with graded competence: near-perfect on
+the easy levels, near zero on the hardest, and partial in the middle so RL
+has something to improve. We get that by two knobs (section "Recipe"): the
+share of each level in the SFT batches, and a short step budget that stops
+the middle levels before they are learned. The hardest level is still shown
+a little, so the model's answers there have the right shape (four digits)
+even though they are mostly wrong.
+
+Plain PyTorch on CPU: AdamW, linear warm-up then cosine decay, cross-entropy
+on the answer tokens and <eos> only (the prompt is given, not predicted).
+Every batch is drawn from a generator seeded by the recipe's seed, and torch
+runs on a fixed number of threads, so the same recipe gives the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LlamaForCausalLM
+
+from e3.model import tokenizer as tok
+from e3.model.llama import ModelSpec, build_model
+from e3.tasks import arithmetic
+
+# Worst case "<bos>99*99=9801<eos>": <bos>, 6 prompt chars, 4 answer chars, <eos>.
+SEQ_LEN = 12
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the warm-started weights (its JSON is hashed into the cache key)."""
+
+    spec: ModelSpec = field(default_factory=ModelSpec)
+    # Share of each level in every SFT batch; they need not sum to one.
+    level_weights: dict[int, float] = field(
+        default_factory=lambda: {1: 0.30, 2: 0.25, 3: 0.20, 4: 0.15, 5: 0.10}
+    )
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.level_weights) - set(arithmetic.LEVELS)
+        if unknown:
+            raise ValueError(f"level_weights has unknown levels {sorted(unknown)}")
+        if any(w < 0 for w in self.level_weights.values()) or sum(self.level_weights.values()) <= 0:
+            raise ValueError(f"level_weights must be non-negative and not all zero: {self.level_weights}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+
+
+def encode_pool(level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All train questions of a level as (tokens, loss mask), each [n, SEQ_LEN].
+
+    tokens[i] is <bos> prompt answer <eos> right-padded with <pad>;
+    mask[i, t] is 1 where tokens[i, t] is to be predicted from the prefix.
+    """
+    ids = tok.special_ids()
+    vocab = tok.build_tokenizer().get_vocab()
+    questions = arithmetic.make_questions("train", arithmetic.pool_size(level, "train"), seed=0, levels=[level])
+    tokens = torch.full((len(questions), SEQ_LEN), ids["pad"], dtype=torch.long)
+    mask = torch.zeros((len(questions), SEQ_LEN), dtype=torch.float32)
+    for i, q in enumerate(questions):
+        prompt = [ids["bos"]] + [vocab[c] for c in q.prompt]
+        answer = [vocab[c] for c in q.answer] + [ids["eos"]]
+        row = prompt + answer
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, len(prompt) : len(row)] = 1.0
+    return tokens, mask
+
+
+def batch_counts(recipe: Recipe) -> dict[int, int]:
+    """How many questions of each level go into every batch (largest-remainder rounding)."""
+    total = sum(recipe.level_weights.values())
+    exact = {lv: recipe.batch_size * w / total for lv, w in sorted(recipe.level_weights.items())}
+    counts = {lv: math.floor(x) for lv, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda lv: (counts[lv] - exact[lv], lv))
+    for lv in by_remainder[: recipe.batch_size - sum(counts.values())]:
+        counts[lv] += 1
+    return {lv: n for lv, n in counts.items() if n > 0}
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Linear warm-up to `lr`, then cosine decay to a tenth of it."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(recipe: Recipe, log=None) -> LlamaForCausalLM:
+    """Warm-start a fresh model by `recipe`; `log(step, loss, model)` is called every 100 steps if given."""
+    torch.set_num_threads(recipe.threads)
+    torch.use_deterministic_algorithms(True)
+    model = build_model(recipe.spec, recipe.seed)
+    model.train()
+    pools = {lv: encode_pool(lv) for lv in batch_counts(recipe)}
+    counts = batch_counts(recipe)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    # Norms and biases are not decayed, as is usual for transformers.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
+    for step in range(recipe.steps):
+        parts = [
+            (pools[lv][0][idx], pools[lv][1][idx])
+            for lv, n in counts.items()
+            for idx in [torch.randint(len(pools[lv][0]), (n,), generator=gen)]
+        ]
+        tokens = torch.cat([p[0] for p in parts])
+        mask = torch.cat([p[1] for p in parts])
+        logits = model(input_ids=tokens).logits[:, :-1]
+        target, weight = tokens[:, 1:], mask[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        loss = (nll * weight).sum() / weight.sum()
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, recipe)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        if log is not None and (step + 1) % 100 == 0:
+            log(step + 1, loss.item(), model)
+    model.eval()
+    return model
+
+
+def timed_train(recipe: Recipe, log=None) -> tuple[LlamaForCausalLM, float]:
+    """`train` plus its wall time in seconds."""
+    start = time.perf_counter()
+    model = train(recipe, log)
+    return model, time.perf_counter() - start

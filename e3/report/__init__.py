@@ -1,0 +1,1 @@
+"""Reading a run's metrics and drawing its plots."""

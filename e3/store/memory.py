@@ -1,0 +1,317 @@
+"""The in-process store: plain dicts behind one lock, with an optional JSON snapshot.
+
+One `threading.Lock` guards every structure, so each method is atomic with
+respect to the others; that is all the scheduler's races need in one process.
+With a snapshot path the store loads the file at start (if it exists) and
+rewrites it atomically on `save_state` and `close`, so a restarted scheduler
+resumes where the last save left it. Work completed after the last save is
+lost on a crash; this backend is for tests and single-machine runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import typing
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Sequence
+
+from e3.core.difficulty import QuestionStats
+from e3.store.base import (
+    StepAlreadyPlanned,
+    Store,
+    StoreCounters,
+    SubmitOutcome,
+    SubmitResult,
+    TaskRecord,
+    TaskStatus,
+    check_plan,
+    encode_completion,
+)
+
+SNAPSHOT_FORMAT = "e3-memory-store"
+SNAPSHOT_VERSION = 1
+_TASK_TYPES = typing.get_type_hints(TaskRecord)
+
+
+class SnapshotError(ValueError):
+    """The snapshot file exists but is not a valid store snapshot."""
+
+
+class MemoryStore(Store):
+    def __init__(self, snapshot_path: Path | str | None = None) -> None:
+        self._lock = threading.Lock()
+        self._path = Path(snapshot_path) if snapshot_path is not None else None
+        # The state is kept as JSON text: it proves the document is JSON-able
+        # and keeps the caller's later mutations out of the store, as in Redis.
+        self._state_json: str | None = None
+        self._stats: dict[str, QuestionStats] = {}
+        self._ranks: dict[str, float] = {}
+        self._tasks: dict[str, TaskRecord] = {}
+        self._steps: dict[int, list[str]] = {}  # task ids in plan order
+        self._groups: dict[int, dict[str, str]] = {}  # step -> task id -> group JSON
+        self._queue: deque[str] = deque()
+        self._leases: dict[str, float] = {}  # task id -> lease expiry
+        self._expiries = 0
+        self._duplicates = 0
+        if self._path is not None and self._path.exists():
+            self._load(self._path)
+
+    # --- state, statistics, ranks ---
+    def load_state(self) -> dict | None:
+        with self._lock:
+            return None if self._state_json is None else json.loads(self._state_json)
+
+    def save_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        text = json.dumps(state)
+        with self._lock:
+            self._state_json = text
+            self._write_snapshot()
+
+    def stats(self, question_ids: Sequence[str]) -> dict[str, QuestionStats]:
+        with self._lock:
+            return {q: self._stats[q] for q in question_ids if q in self._stats}
+
+    def all_stats(self) -> dict[str, QuestionStats]:
+        with self._lock:
+            return dict(self._stats)
+
+    def save_ranks(self, ranks: dict[str, float]) -> None:
+        fresh = {str(q): float(r) for q, r in ranks.items()}
+        with self._lock:
+            self._ranks = fresh
+
+    def ranks(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._ranks)
+
+    # --- tasks and leases ---
+    def plan_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
+        check_plan(step, tasks)
+        with self._lock:
+            if step in self._steps:
+                raise StepAlreadyPlanned(f"step {step} is already planned")
+            for task in tasks:
+                if task.task_id in self._tasks:
+                    raise ValueError(f"task id {task.task_id!r} already exists (step {self._tasks[task.task_id].step})")
+            self._steps[step] = [t.task_id for t in tasks]
+            self._groups[step] = {}
+            for task in tasks:
+                # A copy, so the caller's records never alias the store's.
+                self._tasks[task.task_id] = dataclasses.replace(task, status=TaskStatus.PENDING)
+                self._queue.append(task.task_id)
+
+    def lease(self, replica_id: str, max_tasks: int, now: float, lease_s: float) -> list[TaskRecord]:
+        expires = float(now) + float(lease_s)
+        # One random base per call plus a counter: unique without a uuid per task.
+        base = uuid.uuid4().hex
+        out: list[TaskRecord] = []
+        with self._lock:
+            while len(out) < max_tasks and self._queue:
+                task = self._tasks[self._queue.popleft()]
+                task.status = TaskStatus.LEASED
+                task.lease_id = f"{base}.{len(out) + 1}"
+                task.leased_by = replica_id
+                task.lease_expires_at = expires
+                task.times_leased += 1
+                self._leases[task.task_id] = expires
+                out.append(dataclasses.replace(task))
+        return out
+
+    def expire_leases(self, now: float) -> list[str]:
+        with self._lock:
+            # Expiry order, ties by id: the order Redis's sorted set gives.
+            expired = sorted((e, t) for t, e in self._leases.items() if e <= now)
+            ids = [t for _, t in expired]
+            for task_id in reversed(ids):  # appendleft in reverse keeps expiry order at the front
+                del self._leases[task_id]
+                task = self._tasks[task_id]
+                task.status, task.lease_id, task.leased_by, task.lease_expires_at = TaskStatus.PENDING, "", "", 0.0
+                self._queue.appendleft(task_id)
+            self._expiries += len(ids)
+            return ids
+
+    def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
+        group_json, count, total = encode_completion(group, rewards)
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return SubmitResult(SubmitOutcome.UNKNOWN)
+            groups, planned = self._groups[task.step], len(self._steps[task.step])
+            if task.status == TaskStatus.DONE:
+                self._duplicates += 1
+                return SubmitResult(SubmitOutcome.DUPLICATE, len(groups), planned)
+            # A task whose lease ran out sits in the queue again; take it out.
+            if task.status == TaskStatus.PENDING:
+                self._queue.remove(task_id)
+            self._leases.pop(task_id, None)
+            task.status = TaskStatus.DONE
+            groups[task_id] = group_json
+            if count:
+                self._stats[task.question_id] = self._add(task.question_id, count, total)
+            return SubmitResult(SubmitOutcome.ACCEPTED, len(groups), planned)
+
+    def _add(self, question_id: str, count: int, total: float) -> QuestionStats:
+        old = self._stats.get(question_id, QuestionStats())
+        # Add the batch's sum in one step, as Redis's HINCRBYFLOAT does.
+        return QuestionStats(old.attempts + count, old.reward_sum + total)
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            return None if task is None else dataclasses.replace(task)
+
+    def step_progress(self, step: int) -> tuple[int, int]:
+        with self._lock:
+            return len(self._groups.get(step, {})), len(self._steps.get(step, []))
+
+    def step_groups(self, step: int) -> list[dict]:
+        with self._lock:
+            groups = self._groups.get(step, {})
+            return [json.loads(groups[t]) for t in self._steps.get(step, []) if t in groups]
+
+    def drop_step(self, step: int) -> None:
+        with self._lock:
+            ids = set(self._steps.pop(step, []))
+            self._groups.pop(step, None)
+            for task_id in ids:
+                del self._tasks[task_id]
+                self._leases.pop(task_id, None)
+            if ids:
+                self._queue = deque(t for t in self._queue if t not in ids)
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def leased_count(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+    def counters(self) -> StoreCounters:
+        with self._lock:
+            return StoreCounters(lease_expiries=self._expiries, duplicates=self._duplicates)
+
+    def close(self) -> None:
+        with self._lock:
+            self._write_snapshot()
+
+    # --- the snapshot ---
+    def _write_snapshot(self) -> None:
+        """Write everything to the snapshot path, atomically; caller holds the lock."""
+        if self._path is None:
+            return
+        data = {
+            "format": SNAPSHOT_FORMAT,
+            "version": SNAPSHOT_VERSION,
+            "state": None if self._state_json is None else json.loads(self._state_json),
+            "stats": {q: [s.attempts, s.reward_sum] for q, s in self._stats.items()},
+            "ranks": self._ranks,
+            "tasks": [_task_to_json(t) for t in self._tasks.values()],
+            "steps": {str(s): ids for s, ids in self._steps.items()},
+            "groups": {str(s): {t: json.loads(g) for t, g in gs.items()} for s, gs in self._groups.items()},
+            "queue": list(self._queue),
+            "counters": {"lease_expiries": self._expiries, "duplicates": self._duplicates},
+        }
+        text = json.dumps(data)  # json writes floats with repr: they round-trip exactly
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # A temp file in the same directory, then os.replace: a reader (or a
+        # crash) sees the old snapshot or the new one, never half of one.
+        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=self._path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self._restore(data)
+        except (OSError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"store snapshot {path} is unreadable or corrupt: {exc!r}") from exc
+
+    def _restore(self, data: dict) -> None:
+        """Fill the store from a parsed snapshot, checking that every part fits."""
+        if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"not an {SNAPSHOT_FORMAT} snapshot")
+        if data.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"snapshot version {data.get('version')!r}, this code reads {SNAPSHOT_VERSION}")
+        state = data["state"]
+        if state is not None and not isinstance(state, dict):
+            raise ValueError("'state' must be an object or null")
+        self._state_json = None if state is None else json.dumps(state)
+        self._stats = {str(q): QuestionStats(_int(a, f"stats[{q!r}]"), float(r)) for q, (a, r) in data["stats"].items()}
+        self._ranks = {str(q): float(r) for q, r in data["ranks"].items()}
+        self._tasks = {}
+        for raw in data["tasks"]:
+            task = _task_from_json(raw)
+            if task.task_id in self._tasks:
+                raise ValueError(f"task {task.task_id!r} appears twice")
+            self._tasks[task.task_id] = task
+        self._steps = {int(s): [str(t) for t in ids] for s, ids in data["steps"].items()}
+        self._groups = {int(s): {str(t): json.dumps(g) for t, g in gs.items()} for s, gs in data["groups"].items()}
+        self._queue = deque(str(t) for t in data["queue"])
+        self._leases = {t.task_id: t.lease_expires_at for t in self._tasks.values() if t.status == TaskStatus.LEASED}
+        self._expiries = _int(data["counters"]["lease_expiries"], "counters.lease_expiries")
+        self._duplicates = _int(data["counters"]["duplicates"], "counters.duplicates")
+        self._check_consistent()
+
+    def _check_consistent(self) -> None:
+        """The cross-references a hand-edited or truncated snapshot could break."""
+        planned = {t: s for s, ids in self._steps.items() for t in ids}
+        if set(planned) != set(self._tasks) or sum(map(len, self._steps.values())) != len(planned):
+            raise ValueError("'steps' do not list each task exactly once")
+        for task_id, task in self._tasks.items():
+            if planned[task_id] != task.step:
+                raise ValueError(f"task {task_id!r} is listed under step {planned[task_id]}, not its step {task.step}")
+        if set(self._groups) != set(self._steps):
+            raise ValueError("'groups' and 'steps' cover different steps")
+        done = {t for t, task in self._tasks.items() if task.status == TaskStatus.DONE}
+        with_group = {t for gs in self._groups.values() for t in gs}
+        if done != with_group:
+            raise ValueError(f"done tasks and stored groups differ: {sorted(done ^ with_group)[:5]}")
+        pending = {t for t, task in self._tasks.items() if task.status == TaskStatus.PENDING}
+        if len(self._queue) != len(set(self._queue)) or set(self._queue) != pending:
+            raise ValueError("'queue' must hold each pending task exactly once")
+
+
+def _int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where} must be an integer, got {value!r}")
+    return value
+
+
+def _task_to_json(task: TaskRecord) -> dict:
+    raw = dataclasses.asdict(task)
+    raw["status"] = TaskStatus(task.status).value
+    return raw
+
+
+def _task_from_json(raw: dict) -> TaskRecord:
+    if not isinstance(raw, dict) or set(raw) != set(_TASK_TYPES):
+        raise ValueError(f"task record must have exactly the fields {sorted(_TASK_TYPES)}, got {raw!r}")
+    values = {}
+    for name, kind in _TASK_TYPES.items():
+        value = raw[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # JSON written by hand may drop the ".0"
+        elif kind is TaskStatus:
+            value = TaskStatus(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"task {raw.get('task_id')!r}: field {name!r} must be {kind.__name__}, got {value!r}")
+        values[name] = value
+    return TaskRecord(**values)

@@ -1,0 +1,308 @@
+"""The Redis store: the scheduler's durable state in one Redis database.
+
+Every key starts with `{namespace}:` (P below), so several runs can share a
+database:
+
+    P state               string  the state document, JSON
+    P stats:attempts      hash    question id -> rollouts scored (HINCRBY)
+    P stats:rewards       hash    question id -> reward sum (HINCRBYFLOAT)
+    P ranks               hash    question id -> rank, repr(float)
+    P steps               set     the planned steps
+    P step:<n>:tasks      list    step n's task ids in plan order
+    P step:<n>:groups     hash    task id -> finished group, JSON
+    P task:<id>           hash    one field per TaskRecord attribute, as text
+    P queue               list    task ids waiting for a replica, front first
+    P leases              zset    leased task ids scored by lease expiry
+    P counters            hash    lease_expiries, duplicates
+
+Operations that touch several keys and must not interleave (plan_step,
+lease, expire_leases, complete, drop_step) are Lua scripts, which Redis runs
+atomically. The scripts build task keys from the prefix, because which tasks
+they touch is only known inside them; that is fine on one Redis server but
+not on Redis Cluster. Floats cross into Redis as repr() text and are never
+re-encoded inside Lua, whose number formatting would round them.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+import uuid
+from typing import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from e3.core.difficulty import QuestionStats
+from e3.store.base import (
+    StepAlreadyPlanned,
+    Store,
+    StoreCounters,
+    SubmitOutcome,
+    SubmitResult,
+    TaskRecord,
+    TaskStatus,
+    check_plan,
+    encode_completion,
+)
+
+_TASK_TYPES = typing.get_type_hints(TaskRecord)
+_TASK_FIELDS = list(_TASK_TYPES)  # task_id first: the plan script relies on it
+
+# The scripts spell task statuses as TaskStatus's values: pending, leased, done.
+
+# ARGV: prefix, step, field count F, F field names, then F values per task.
+_PLAN_STEP = """
+local prefix, step = ARGV[1], ARGV[2]
+if redis.call('SISMEMBER', prefix .. 'steps', step) == 1 then return {'planned'} end
+local nfields = tonumber(ARGV[3])
+local first = 4 + nfields
+-- Check every id before writing anything, so a rejected plan leaves no trace.
+for base = first, #ARGV, nfields do
+  if redis.call('EXISTS', prefix .. 'task:' .. ARGV[base]) == 1 then return {'exists', ARGV[base]} end
+end
+for base = first, #ARGV, nfields do
+  local kv = {}
+  for f = 0, nfields - 1 do
+    kv[#kv + 1] = ARGV[4 + f]
+    kv[#kv + 1] = ARGV[base + f]
+  end
+  redis.call('HSET', prefix .. 'task:' .. ARGV[base], unpack(kv))
+  redis.call('RPUSH', prefix .. 'step:' .. step .. ':tasks', ARGV[base])
+  redis.call('RPUSH', prefix .. 'queue', ARGV[base])
+end
+redis.call('SADD', prefix .. 'steps', step)
+return {'ok'}
+"""
+
+# ARGV: prefix, replica id, lease expiry, max tasks, lease id base.
+_LEASE = """
+local prefix, replica, expires = ARGV[1], ARGV[2], ARGV[3]
+local wanted = tonumber(ARGV[4])
+local out = {}
+while #out < wanted do
+  local id = redis.call('LPOP', prefix .. 'queue')
+  if not id then break end
+  local key = prefix .. 'task:' .. id
+  -- complete and drop_step take tasks out of the queue; this is a guard only.
+  if redis.call('HGET', key, 'status') == 'pending' then
+    redis.call('HSET', key, 'status', 'leased', 'lease_id', ARGV[5] .. '.' .. (#out + 1),
+               'leased_by', replica, 'lease_expires_at', expires)
+    redis.call('HINCRBY', key, 'times_leased', 1)
+    redis.call('ZADD', prefix .. 'leases', expires, id)
+    out[#out + 1] = redis.call('HGETALL', key)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now. Pushing from the last expired to the first leaves them
+# at the queue's front in expiry order.
+_EXPIRE = """
+local prefix = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', ARGV[2])
+for i = #ids, 1, -1 do
+  redis.call('ZREM', prefix .. 'leases', ids[i])
+  redis.call('HSET', prefix .. 'task:' .. ids[i], 'status', 'pending', 'lease_id', '', 'leased_by', '',
+             'lease_expires_at', '0.0')
+  redis.call('LPUSH', prefix .. 'queue', ids[i])
+end
+if #ids > 0 then redis.call('HINCRBY', prefix .. 'counters', 'lease_expiries', #ids) end
+return ids
+"""
+
+# ARGV: prefix, task id, group JSON, reward count, reward sum.
+_COMPLETE = """
+local prefix, id = ARGV[1], ARGV[2]
+local key = prefix .. 'task:' .. id
+local status, step, question = unpack(redis.call('HMGET', key, 'status', 'step', 'question_id'))
+if not status then return {'unknown', 0, 0} end
+local groups = prefix .. 'step:' .. step .. ':groups'
+local planned = redis.call('LLEN', prefix .. 'step:' .. step .. ':tasks')
+if status == 'done' then
+  redis.call('HINCRBY', prefix .. 'counters', 'duplicates', 1)
+  return {'duplicate', redis.call('HLEN', groups), planned}
+end
+-- A task whose lease ran out sits in the queue again; take it out.
+if status == 'pending' then redis.call('LREM', prefix .. 'queue', 1, id) end
+redis.call('ZREM', prefix .. 'leases', id)
+redis.call('HSET', key, 'status', 'done')
+redis.call('HSET', groups, id, ARGV[3])
+if tonumber(ARGV[4]) > 0 then
+  redis.call('HINCRBY', prefix .. 'stats:attempts', question, ARGV[4])
+  redis.call('HINCRBYFLOAT', prefix .. 'stats:rewards', question, ARGV[5])
+end
+return {'accepted', redis.call('HLEN', groups), planned}
+"""
+
+# ARGV: prefix, step.
+_DROP_STEP = """
+local prefix, step = ARGV[1], ARGV[2]
+local tasks = prefix .. 'step:' .. step .. ':tasks'
+for _, id in ipairs(redis.call('LRANGE', tasks, 0, -1)) do
+  local status = redis.call('HGET', prefix .. 'task:' .. id, 'status')
+  if status == 'pending' then redis.call('LREM', prefix .. 'queue', 1, id) end
+  if status == 'leased' then redis.call('ZREM', prefix .. 'leases', id) end
+  redis.call('DEL', prefix .. 'task:' .. id)
+end
+redis.call('DEL', tasks, prefix .. 'step:' .. step .. ':groups')
+redis.call('SREM', prefix .. 'steps', step)
+return 1
+"""
+
+
+class RedisUnavailable(ConnectionError):
+    """The Redis server named by the URL could not be reached or refused us."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***, fit for logs and errors."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparseable redis URL>"
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, namespace: str = "e3", **options: typing.Any) -> None:
+        """Connect to `url` (redis:// or rediss://); `options` go to redis.from_url
+        (TLS files, timeouts...). Raises RedisUnavailable if the server does not answer."""
+        if not namespace or ":" in namespace:
+            raise ValueError(f"namespace must be a non-empty name without ':', got {namespace!r}")
+        self.url = mask_url(url)
+        self._p = f"{namespace}:"
+        options.setdefault("socket_connect_timeout", 5.0)
+        try:
+            self._r = redis.Redis.from_url(url, decode_responses=True, **options)
+            self._r.ping()
+        except (redis.RedisError, ValueError, OSError) as exc:
+            raise RedisUnavailable(f"cannot use Redis at {self.url}: {exc}") from exc
+        self._plan = self._r.register_script(_PLAN_STEP)
+        self._lease = self._r.register_script(_LEASE)
+        self._expire = self._r.register_script(_EXPIRE)
+        self._complete = self._r.register_script(_COMPLETE)
+        self._drop = self._r.register_script(_DROP_STEP)
+
+    # --- state, statistics, ranks ---
+    def load_state(self) -> dict | None:
+        text = self._r.get(self._p + "state")
+        return None if text is None else json.loads(text)
+
+    def save_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        self._r.set(self._p + "state", json.dumps(state))
+
+    def stats(self, question_ids: Sequence[str]) -> dict[str, QuestionStats]:
+        ids = list(question_ids)
+        if not ids:
+            return {}
+        # One MULTI so the two hashes are read at the same instant.
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hmget(self._p + "stats:attempts", ids)
+        pipe.hmget(self._p + "stats:rewards", ids)
+        attempts, rewards = pipe.execute()
+        return {q: QuestionStats(int(a), float(r)) for q, a, r in zip(ids, attempts, rewards) if a is not None}
+
+    def all_stats(self) -> dict[str, QuestionStats]:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hgetall(self._p + "stats:attempts")
+        pipe.hgetall(self._p + "stats:rewards")
+        attempts, rewards = pipe.execute()
+        return {q: QuestionStats(int(a), float(rewards[q])) for q, a in attempts.items()}
+
+    def save_ranks(self, ranks: dict[str, float]) -> None:
+        pipe = self._r.pipeline(transaction=True)  # readers never see half old, half new
+        pipe.delete(self._p + "ranks")
+        if ranks:
+            pipe.hset(self._p + "ranks", mapping={str(q): repr(float(r)) for q, r in ranks.items()})
+        pipe.execute()
+
+    def ranks(self) -> dict[str, float]:
+        return {q: float(r) for q, r in self._r.hgetall(self._p + "ranks").items()}
+
+    # --- tasks and leases ---
+    def plan_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
+        check_plan(step, tasks)
+        args: list[str] = [self._p, str(int(step)), str(len(_TASK_FIELDS)), *_TASK_FIELDS]
+        for task in tasks:
+            args.extend(_task_to_text(task))
+        reply = self._plan(args=args)
+        if reply[0] == "planned":
+            raise StepAlreadyPlanned(f"step {step} is already planned")
+        if reply[0] == "exists":
+            raise ValueError(f"task id {reply[1]!r} already exists in this store")
+
+    def lease(self, replica_id: str, max_tasks: int, now: float, lease_s: float) -> list[TaskRecord]:
+        if max_tasks <= 0:
+            return []
+        expires = repr(float(now) + float(lease_s))
+        reply = self._lease(args=[self._p, replica_id, expires, max_tasks, uuid.uuid4().hex])
+        return [_task_from_text(dict(zip(flat[::2], flat[1::2]))) for flat in reply]
+
+    def expire_leases(self, now: float) -> list[str]:
+        return list(self._expire(args=[self._p, repr(float(now))]))
+
+    def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
+        group_json, count, total = encode_completion(group, rewards)
+        outcome, done, planned = self._complete(args=[self._p, task_id, group_json, count, repr(total)])
+        return SubmitResult(SubmitOutcome(outcome), int(done), int(planned))
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        fields = self._r.hgetall(self._p + "task:" + task_id)
+        return _task_from_text(fields) if fields else None
+
+    def step_progress(self, step: int) -> tuple[int, int]:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hlen(f"{self._p}step:{int(step)}:groups")
+        pipe.llen(f"{self._p}step:{int(step)}:tasks")
+        done, planned = pipe.execute()
+        return int(done), int(planned)
+
+    def step_groups(self, step: int) -> list[dict]:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.lrange(f"{self._p}step:{int(step)}:tasks", 0, -1)
+        pipe.hgetall(f"{self._p}step:{int(step)}:groups")
+        order, groups = pipe.execute()
+        return [json.loads(groups[t]) for t in order if t in groups]
+
+    def drop_step(self, step: int) -> None:
+        self._drop(args=[self._p, str(int(step))])
+
+    def queue_depth(self) -> int:
+        return int(self._r.llen(self._p + "queue"))
+
+    def leased_count(self) -> int:
+        return int(self._r.zcard(self._p + "leases"))
+
+    def counters(self) -> StoreCounters:
+        raw = self._r.hgetall(self._p + "counters")
+        return StoreCounters(lease_expiries=int(raw.get("lease_expiries", 0)), duplicates=int(raw.get("duplicates", 0)))
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def _task_to_text(task: TaskRecord) -> list[str]:
+    """The record's attributes as Redis strings, in _TASK_FIELDS order."""
+    out = []
+    for name, kind in _TASK_TYPES.items():
+        value = getattr(task, name)
+        if kind is float:
+            out.append(repr(float(value)))  # repr round-trips a float exactly
+        elif kind is TaskStatus:
+            out.append(TaskStatus(value).value)
+        else:
+            out.append(str(kind(value)))
+    return out
+
+
+def _task_from_text(fields: dict[str, str]) -> TaskRecord:
+    try:
+        return TaskRecord(**{name: kind(fields[name]) for name, kind in _TASK_TYPES.items()})
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"malformed task hash {fields.get('task_id')!r} in Redis: {exc!r}") from exc

@@ -1,0 +1,1 @@
+"""Verifiable tasks: the synthetic arithmetic family and the paper's math data."""

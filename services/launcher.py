@@ -1,0 +1,217 @@
+"""`make run`: the four services as local processes, one E3 training run.
+
+Starts the reward service, the scheduler, N generation replicas and the
+trainer on free loopback ports with one resolved config file, shows a
+progress bar fed by the trainer's metrics, and stops everything cleanly when
+training ends, when a service dies, or on Ctrl-C. Everything lands in the
+run directory: config.yaml, logs/, metrics.jsonl, weights/, checkpoints/,
+final-model/, plots/ and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from e3.config import E3Config
+from services.common.runtime import free_port
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    health_url: str | None = None
+
+
+class Stack:
+    """The running processes of one run, stopped in reverse order."""
+
+    def __init__(self, run_dir: Path, env: dict) -> None:
+        self.run_dir = run_dir
+        self.env = env
+        self.services: list[Service] = []
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str], health_url: str | None = None) -> Service:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_file = log_path.open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the children in order
+        )
+        service = Service(name, process, log_path, health_url)
+        self.services.append(service)
+        return service
+
+    def wait_ready(self, service: Service, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise RuntimeError(f"{service.name} exited with code {service.process.returncode}; see {service.log_path}")
+            try:
+                if httpx.get(service.health_url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{service.name} not ready after {timeout_s:.0f}s ({service.health_url}); see {service.log_path}")
+
+    def dead(self) -> list[Service]:
+        return [s for s in self.services if s.process.poll() not in (None, 0)]
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        for service in reversed(self.services):
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for service in reversed(self.services):
+            try:
+                service.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(service.process.pid, signal.SIGKILL)
+                service.process.wait()
+
+
+def resolve_run_config(config: E3Config, run_dir: Path) -> tuple[E3Config, dict]:
+    """Fill in the base model, the run directory and free ports; write config.yaml."""
+    if config.base_model is None:
+        from e3.model.base import ensure_base_model
+
+        config.base_model = str(ensure_base_model(Path(config.artifacts_dir)).resolve())
+    config.run_dir = str(run_dir.resolve())
+    host = config.scheduler.host
+    ports = {
+        "scheduler_http": free_port(host), "scheduler_grpc": free_port(host), "reward": free_port(host),
+        "trainer": free_port(host),
+        "generation": [free_port(host) for _ in range(config.generation.replicas)],
+    }
+    config.scheduler.http_port, config.scheduler.grpc_port = ports["scheduler_http"], ports["scheduler_grpc"]
+    config.reward.port, config.trainer.http_port = ports["reward"], ports["trainer"]
+    config.generation.http_port = ports["generation"][0]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    return config, ports
+
+
+def _read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
+    if not path.exists():
+        return [], offset
+    with path.open() as f:
+        f.seek(offset)
+        text = f.read()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
+
+
+def run_training(config: E3Config, run_dir: Path, env: dict | None = None) -> dict:
+    """Run one training job end to end; returns the summary written to summary.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    config, ports = resolve_run_config(config, run_dir)
+    config_path = str(run_dir / "config.yaml")
+    host = config.scheduler.host
+    env = dict(os.environ if env is None else env)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.generation.cpu_kv_cache_gb))
+    env["PYTHONUNBUFFERED"] = "1"
+    stack = Stack(run_dir, env)
+    records: list[dict] = []
+    try:
+        reward = stack.start("reward", ["services.reward", "--host", host, "--port", str(ports["reward"]),
+                                        "--timeout-s", str(config.reward.timeout_s)],
+                             f"http://{host}:{ports['reward']}/readyz")
+        scheduler = stack.start("scheduler", ["services.scheduler", "--config", config_path],
+                                f"http://{host}:{ports['scheduler_http']}/readyz")
+        stack.wait_ready(reward, 120)
+        stack.wait_ready(scheduler, 120)
+        scheduler_address = f"{host}:{ports['scheduler_grpc']}"
+        replicas = [
+            stack.start(f"generation-{i}", [
+                "services.generation", "--config", config_path, "--model-dir", config.base_model,
+                "--scheduler", scheduler_address, "--reward-url", f"http://{host}:{ports['reward']}",
+                "--replica-id", f"gen-{i}", "--http-port", str(port),
+            ], f"http://{host}:{port}/healthz")
+            for i, port in enumerate(ports["generation"])
+        ]
+        trainer = stack.start("trainer", ["services.trainer", "--config", config_path, "--scheduler", scheduler_address,
+                                          "--http-port", str(ports["trainer"])])
+        for replica in replicas:
+            stack.wait_ready(replica, 300)
+        records = _follow(config, run_dir, stack, trainer)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping the services[/yellow]")
+        raise
+    finally:
+        stack.stop()
+    return _finish(config, run_dir, started)
+
+
+def _follow(config: E3Config, run_dir: Path, stack: Stack, trainer: Service) -> list[dict]:
+    """Progress bar until the trainer exits; raises if any service dies."""
+    steps = config.training.steps
+    records: list[dict] = []
+    offset = 0
+    columns = [TextColumn("[bold]E3[/bold] step {task.completed}/{task.total}"), BarColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=steps, status="starting services")
+        val = "-"
+        while trainer.process.poll() is None:
+            if stack.dead():
+                bad = stack.dead()[0]
+                raise RuntimeError(f"{bad.name} exited with code {bad.process.returncode}; see {bad.log_path}")
+            new, offset = _read_new_records(run_dir / "metrics.jsonl", offset)
+            for r in new:
+                records.append(r)
+                if "val_accuracy" in r:
+                    val = f"{r['val_accuracy']:.3f}"
+                if r.get("phase") == "train":
+                    progress.update(task, completed=r["step"] + 1, status=(
+                        f"val acc {val} | entropy {r['entropy']:.3f} | T {r['next_temperature']:.3f} | "
+                        f"rollouts {r['rollouts_total']}"))
+                elif r.get("phase") == "baseline":
+                    progress.update(task, status=f"base val acc {val}")
+            time.sleep(0.2)
+    if trainer.process.returncode != 0:
+        raise RuntimeError(f"trainer exited with code {trainer.process.returncode}; see {trainer.log_path}")
+    return records
+
+
+def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
+    from e3.report.plots import plot_run, read_metrics
+
+    metrics_path = run_dir / "metrics.jsonl"
+    records = read_metrics(metrics_path) if metrics_path.exists() else []
+    evals = [r for r in records if "val_accuracy" in r]
+    train = [r for r in records if r.get("phase") == "train"]
+    plots = [str(p.relative_to(run_dir)) for p in plot_run(metrics_path, run_dir / "plots")] if train else []
+    summary = {
+        "run_dir": str(run_dir),
+        "preset": config.preset,
+        "steps": len(train),
+        "wall_s": round(time.time() - started, 1),
+        "rollouts": train[-1]["rollouts_total"] if train else 0,
+        "base_val_accuracy": evals[0]["val_accuracy"] if evals else None,
+        "final_val_accuracy": evals[-1]["val_accuracy"] if evals else None,
+        "base_by_level": {k: v for k, v in evals[0].items() if k.startswith("val_accuracy_L")} if evals else {},
+        "final_by_level": {k: v for k, v in evals[-1].items() if k.startswith("val_accuracy_L")} if evals else {},
+        "final_temperature": train[-1]["next_temperature"] if train else None,
+        "entropy_target": train[-1].get("entropy_target") if train else None,
+        "final_model": str(run_dir / "final-model"),
+        "plots": plots,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

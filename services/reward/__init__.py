@@ -1,0 +1,1 @@
+"""The reward service: scores responses over HTTP with e3.verify."""

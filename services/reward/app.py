@@ -1,0 +1,155 @@
+"""HTTP API of the reward service: a thin FastAPI layer over `e3.verify.VerifierPool`.
+
+POST /v1/score   {"items": [{verifier, response, ground_truth}, ...]}
+                 -> {"verdicts": [{reward, reason, elapsed_s}, ...]} in order
+GET  /healthz    the process is up
+GET  /readyz     the worker pool is up (503 until then)
+GET  /metrics    Prometheus text
+
+Verification is blocking (a pipe round trip to a worker process), so each
+item runs on a thread of an executor sized to the worker count; the event
+loop only awaits. Items of one batch run concurrently across the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from e3.verify import VERIFIERS, Verdict, VerifierPool
+from services.common.auth import token_matches
+from services.reward.metrics import RewardMetrics
+from services.reward.settings import RewardSettings
+
+log = logging.getLogger(__name__)
+
+
+class ScoreItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    verifier: Literal[VERIFIERS]  # type: ignore[valid-type]  # ("arithmetic", "math")
+    response: str
+    ground_truth: str
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The upper bound is a setting, so it is checked in the handler.
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class VerdictOut(BaseModel):
+    reward: int
+    reason: str | None
+    elapsed_s: float
+
+
+class ScoreResponse(BaseModel):
+    verdicts: list[VerdictOut]
+
+
+class _Service:
+    """What the routes share: settings, the pool once started, the executor, the metrics."""
+
+    def __init__(self, settings: RewardSettings) -> None:
+        self.settings = settings
+        self.pool: VerifierPool | None = None
+        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="e3-verify")
+        self.metrics = RewardMetrics(CollectorRegistry())
+
+    def start_pool(self) -> None:
+        s = self.settings
+        self.pool = VerifierPool(workers=s.workers, timeout_s=s.timeout_s, max_response_chars=s.max_response_chars)
+        log.info("reward: %d verifier workers up (timeout %.3gs)", s.workers, s.timeout_s)
+
+    def score_one(self, item: ScoreItem) -> Verdict:
+        verdict = self.pool.verify(item.verifier, item.response, item.ground_truth)
+        self.metrics.record(item.verifier, verdict)
+        return verdict
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.close()
+
+
+def create_app(settings: RewardSettings) -> FastAPI:
+    service = _Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Starting workers blocks for a moment; doing it in the background
+        # lets /healthz answer at once while /readyz says "not yet".
+        loop = asyncio.get_running_loop()
+        starting = loop.run_in_executor(service.executor, service.start_pool)
+        starting.add_done_callback(_log_start_failure)
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(title="e3 reward", lifespan=lifespan)
+    app.state.service = service
+
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        if settings.api_token is None:
+            return
+        if not token_matches(authorization, settings.api_token):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(require_token)])
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        if len(request.items) > settings.max_batch:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "too_long",
+                        "loc": ("body", "items"),
+                        "msg": f"at most {settings.max_batch} items per request, got {len(request.items)}",
+                        "input": None,
+                    }
+                ]
+            )
+        if service.pool is None:
+            raise HTTPException(503, "verifier workers are still starting", headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        verdicts = await asyncio.gather(
+            *(loop.run_in_executor(service.executor, service.score_one, item) for item in request.items)
+        )
+        return ScoreResponse(
+            verdicts=[VerdictOut(reward=int(v.reward), reason=v.reason, elapsed_s=v.elapsed_s) for v in verdicts]
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(response: Response) -> dict:
+        pool = service.pool
+        alive = 0 if pool is None else pool.alive
+        ready = alive == settings.workers
+        if not ready:
+            response.status_code = 503
+        return {"ready": ready, "workers_alive": alive, "workers": settings.workers}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _log_start_failure(future: asyncio.Future) -> None:
+    # Without this, a failed start would only show as /readyz staying 503.
+    if not future.cancelled() and future.exception() is not None:
+        log.error("reward: verifier workers failed to start: %r", future.exception())

@@ -1,0 +1,43 @@
+"""The reward service's Prometheus metrics, on a registry owned by one app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from e3 import metric_names
+from e3.verify import Verdict
+
+# Checks take milliseconds when they succeed and the timeout when they do not;
+# the top buckets make a raised timeout visible too.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class RewardMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.verifications = Counter(
+            metric_names.REWARD_VERIFICATIONS_TOTAL,
+            "Responses scored, by verifier and outcome (correct, incorrect, timeout, error).",
+            ["verifier", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            metric_names.REWARD_LATENCY_SECONDS,
+            "Wall time of one verification, excluding queueing.",
+            ["verifier"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.timeouts = Counter(
+            metric_names.REWARD_TIMEOUTS_TOTAL,
+            "Verifications killed at the time limit.",
+            ["verifier"],
+            registry=registry,
+        )
+
+    def record(self, verifier: str, verdict: Verdict) -> None:
+        outcome = verdict.outcome
+        self.verifications.labels(verifier=verifier, outcome=outcome).inc()
+        self.latency.labels(verifier=verifier).observe(verdict.elapsed_s)
+        if outcome == "timeout":
+            self.timeouts.labels(verifier=verifier).inc()

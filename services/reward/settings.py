@@ -1,0 +1,29 @@
+"""Settings of the reward service; E3_API_TOKEN supplies the bearer token."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from e3.verify.pool import DEFAULT_MAX_RESPONSE_CHARS
+
+
+def _token_from_env() -> str | None:
+    # An empty variable means "no token", not "the empty token".
+    return os.environ.get("E3_API_TOKEN") or None
+
+
+class RewardSettings(BaseModel):
+    """`timeout_s` bounds each verification; `workers` is the number of checker
+    processes (each check holds one); `max_batch` bounds items per request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8200, ge=0, le=65535)
+    timeout_s: float = Field(2.0, gt=0)
+    workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), ge=1)
+    max_batch: int = Field(4096, ge=1)
+    max_response_chars: int = Field(DEFAULT_MAX_RESPONSE_CHARS, ge=1)
+    api_token: str | None = Field(default_factory=_token_from_env, repr=False)

@@ -1,0 +1,70 @@
+"""Run the scheduler: gRPC for work, HTTP for state, in one process.
+
+    python -m services.scheduler --config run.yaml [--http-port N] [--grpc-port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from pathlib import Path
+
+from e3.config import load_config
+from e3.store import open_store
+from e3.tasks.datasets import load_split
+from services.common.runtime import model_vocab_size, serve_http, setup_logging
+from services.scheduler.engine import SchedulerEngine
+from services.scheduler.grpc_api import start_grpc_server
+from services.scheduler.http_api import create_app
+from services.scheduler.metrics import SchedulerMetrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler", description=__doc__)
+    parser.add_argument("--config", help="YAML config file (environment variables override it)")
+    parser.add_argument("--http-port", type=int)
+    parser.add_argument("--grpc-port", type=int)
+    parser.add_argument("--vocab-size", type=int, help="default: read from the base model's config.json")
+    args = parser.parse_args(argv)
+
+    log = setup_logging("scheduler")
+    config = load_config(args.config)
+    sc = config.scheduler
+    http_port = sc.http_port if args.http_port is None else args.http_port
+    grpc_port = sc.grpc_port if args.grpc_port is None else args.grpc_port
+    if args.vocab_size is None and not config.base_model:
+        parser.error("--vocab-size is required when the config names no base_model")
+    vocab_size = args.vocab_size or model_vocab_size(config.base_model)
+
+    train = load_split(config.data, "train", base_dir=Path.cwd())
+    store = open_store(sc.store_url, namespace=sc.run_id)
+    metrics = SchedulerMetrics()
+    engine = SchedulerEngine(config, train, store, vocab_size, initial_weights_path=config.base_model or "", observer=metrics)
+    metrics.bind(engine)
+    server, bound = start_grpc_server(engine, sc.host, grpc_port, config.api_token)
+    log.info("gRPC on %s:%d, store %s, %d training questions, step %d", sc.host, bound, sc.store_url.split("@")[-1], len(train), engine.step)
+
+    stop = threading.Event()
+
+    def expire_loop() -> None:
+        # Leases also expire lazily on every lease call; this keeps the queue
+        # honest when no replica is asking (e.g. all of them died).
+        while not stop.wait(1.0):
+            try:
+                engine.expire_leases()
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the sweeper
+                log.exception("lease sweep failed")
+
+    threading.Thread(target=expire_loop, name="lease-sweeper", daemon=True).start()
+    app = create_app(engine, metrics)
+    try:
+        serve_http(app, sc.host, http_port)
+    finally:
+        stop.set()
+        server.stop(grace=5).wait()
+        store.close()
+        log.info("stopped at step %d", engine.step)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The scheduler's business rules, free of HTTP and gRPC.
+
+One step at a time (on-policy, like the reference): the engine plans step s
+(batch, per-question rollout counts, temperature, policy version), hands its
+tasks out under leases, collects the scored groups, gives the finished batch
+to the trainer, and on the trainer's report moves the temperature, adopts
+the new policy version, re-ranks at epoch boundaries and plans step s + 1.
+Everything that must survive a restart lives in the store; the engine can be
+rebuilt from it at any moment.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from e3.config import E3Config
+from e3.core.advantages import group_outcome
+from e3.core.allocation import WideningSchedule
+from e3.core.curriculum import plan_step, steps_per_epoch
+from e3.core.difficulty import accuracy_ranks
+from e3.core.temperature import TemperatureConfig, TemperatureState, initial_state, observe_entropy
+from e3.store.base import Store, StepAlreadyPlanned, SubmitOutcome, TaskRecord
+from e3.tasks.question import Question
+
+ALLOCATION_HISTORY = 64  # steps whose allocation the HTTP API can still show
+
+
+class SchedulerError(Exception):
+    """A request the engine refuses; `code` maps onto gRPC and HTTP statuses."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # invalid_argument | not_found | failed_precondition | unavailable
+
+
+@dataclass
+class LeasedTask:
+    record: TaskRecord
+    question: Question
+    max_tokens: int
+
+
+@dataclass
+class LeaseResult:
+    tasks: list[LeasedTask]
+    policy_version: int
+    weights_path: str
+    finished: bool
+    retry_after_s: float
+
+
+@dataclass
+class SubmittedSample:
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: list[float]
+    text: str
+    reward: float
+    reward_reason: str = ""
+    finish_reason: str = ""
+
+
+@dataclass
+class Submission:
+    task_id: str
+    lease_id: str
+    replica_id: str
+    policy_version: int
+    temperature: float
+    samples: list[SubmittedSample]
+    generate_s: float = 0.0
+    score_s: float = 0.0
+
+
+@dataclass
+class StepReport:
+    step: int
+    entropy: float
+    new_policy_version: int
+    weights_path: str
+    loss: float = 0.0
+    skipped: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _sample_to_dict(sample: SubmittedSample) -> dict:
+    return {
+        "prompt_token_ids": list(sample.prompt_token_ids),
+        "response_token_ids": list(sample.response_token_ids),
+        "response_logprobs": [float(x) for x in sample.response_logprobs],
+        "text": sample.text,
+        "reward": float(sample.reward),
+        "reward_reason": sample.reward_reason,
+        "finish_reason": sample.finish_reason,
+    }
+
+
+class SchedulerEngine:
+    """Plans steps and tracks their progress; thread-safe."""
+
+    def __init__(
+        self,
+        config: E3Config,
+        train: Sequence[Question],
+        store: Store,
+        vocab_size: int,
+        initial_weights_path: str = "",
+        clock: Callable[[], float] = time.time,
+        observer=None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.observer = observer  # metrics sink: gets on_plan / on_submit / on_report calls
+        self.questions = {q.id: q for q in train}
+        if len(self.questions) != len(train):
+            raise ValueError("training questions have duplicate ids")
+        self.question_ids = [q.id for q in train]
+        self.priors = {q.id: q.prior_rank for q in train}
+        self.steps_per_epoch = steps_per_epoch(len(train), config.training.batch_questions)
+        alloc = config.allocation
+        self.schedule = WideningSchedule(alloc.n, alloc.n_low, alloc.n_high, alloc.n_update)
+        t = config.temperature
+        self.temperature_config = TemperatureConfig(
+            vocab_size=vocab_size,
+            initial_temperature=t.initial,
+            init_steps=t.init_steps,
+            target_entropy=t.target_entropy,
+            annealing=t.annealing,
+            annealing_ratio=t.annealing_ratio,
+            annealing_factor=t.annealing_factor,
+            total_steps=config.training.steps,
+            min_temperature=t.min,
+            max_temperature=t.max,
+        )
+        self._lock = threading.RLock()
+        self._step_complete = threading.Condition(self._lock)
+        state = store.load_state()
+        if state is None:
+            state = {
+                "step": 0,
+                "policy_version": 0,
+                "weights_path": initial_weights_path,
+                "finished": False,
+                "temperature": initial_state(self.temperature_config).to_dict(),
+                "allocations": {},
+                "reports": [],
+            }
+        self.state = state
+        if not state["finished"]:
+            self._plan(state["step"])
+        store.save_state(self.state)
+
+    # ---- derived views -------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def temperature_state(self) -> TemperatureState:
+        return TemperatureState.from_dict(self.state["temperature"])
+
+    @property
+    def temperature(self) -> float:
+        """T for the current step; fixed at the initial value without control."""
+        if not self.config.temperature.control:
+            return self.config.temperature.initial
+        return self.temperature_state.temperature
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def allocation(self, step: int) -> dict | None:
+        return self.state["allocations"].get(str(step))
+
+    # ---- planning ------------------------------------------------------
+
+    def _plan(self, step: int) -> None:
+        """Plan a step's tasks; idempotent across restarts (the allocator is deterministic)."""
+        alloc = self.config.allocation
+        plan = plan_step(
+            step,
+            self.question_ids,
+            self.config.training.batch_questions,
+            self.config.data.seed,
+            self.config.data.shuffle,
+            alloc.mode,
+            self.schedule,
+            self.store.ranks(),
+            self.priors,
+        )
+        temperature = self.temperature
+        tasks = [
+            TaskRecord(
+                task_id=f"s{step}-{i}",
+                step=step,
+                question_id=qid,
+                num_samples=count,
+                temperature=temperature,
+                policy_version=self.state["policy_version"],
+            )
+            for i, (qid, count) in enumerate(zip(plan.question_ids, plan.counts))
+        ]
+        try:
+            self.store.plan_step(step, tasks)
+            fresh = True
+        except StepAlreadyPlanned:
+            fresh = False  # a restarted scheduler finds its plan already queued
+        record = plan.to_dict() | {"temperature": temperature, "policy_version": self.state["policy_version"]}
+        allocations = self.state["allocations"]
+        allocations[str(step)] = record
+        for old in [k for k in allocations if int(k) <= step - ALLOCATION_HISTORY]:
+            del allocations[old]
+        if fresh and self.observer:
+            self.observer.on_plan(record)
+
+    # ---- work for generation replicas -----------------------------------
+
+    def lease(self, replica_id: str, max_tasks: int) -> LeaseResult:
+        if not replica_id:
+            raise SchedulerError("invalid_argument", "replica_id must be non-empty")
+        if max_tasks < 1:
+            raise SchedulerError("invalid_argument", f"max_tasks must be >= 1, got {max_tasks}")
+        now = self.clock()
+        self.expire_leases(now)
+        with self._lock:
+            version, weights, finished = self.state["policy_version"], self.state["weights_path"], self.state["finished"]
+        if finished:
+            return LeaseResult([], version, weights, True, 0.0)
+        records = self.store.lease(replica_id, max_tasks, now, self.config.scheduler.lease_s)
+        tasks = [LeasedTask(r, self.questions[r.question_id], self.config.training.max_tokens) for r in records]
+        return LeaseResult(tasks, version, weights, False, 0.0 if tasks else 0.2)
+
+    def expire_leases(self, now: float | None = None) -> int:
+        expired = self.store.expire_leases(self.clock() if now is None else now)
+        if expired and self.observer:
+            self.observer.on_lease_expiries(len(expired))
+        return len(expired)
+
+    def submit(self, submission: Submission) -> tuple[SubmitOutcome, int, int]:
+        task = self.store.task(submission.task_id)
+        if task is None:
+            self._rejected("unknown_task")
+            raise SchedulerError("not_found", f"task_id {submission.task_id!r} is unknown")
+        if submission.policy_version != task.policy_version:
+            self._rejected("stale_policy")
+            raise SchedulerError(
+                "failed_precondition",
+                f"task {task.task_id} must be sampled with policy version {task.policy_version}, "
+                f"got {submission.policy_version}",
+            )
+        if not math.isclose(submission.temperature, task.temperature, rel_tol=1e-9, abs_tol=1e-12):
+            self._rejected("wrong_temperature")
+            raise SchedulerError(
+                "invalid_argument",
+                f"task {task.task_id} was planned at temperature {task.temperature!r}, got {submission.temperature!r}",
+            )
+        if len(submission.samples) != task.num_samples:
+            self._rejected("wrong_sample_count")
+            raise SchedulerError(
+                "invalid_argument",
+                f"task {task.task_id} needs {task.num_samples} samples, got {len(submission.samples)}",
+            )
+        for i, sample in enumerate(submission.samples):
+            if not sample.response_token_ids:
+                self._rejected("empty_sample")
+                raise SchedulerError("invalid_argument", f"samples[{i}].response_token_ids is empty")
+            if len(sample.response_logprobs) not in (0, len(sample.response_token_ids)):
+                self._rejected("bad_logprobs")
+                raise SchedulerError(
+                    "invalid_argument", f"samples[{i}].response_logprobs must match response_token_ids in length"
+                )
+            if not (math.isfinite(sample.reward) and 0.0 <= sample.reward <= 1.0):
+                self._rejected("bad_reward")
+                raise SchedulerError("invalid_argument", f"samples[{i}].reward must be in [0, 1], got {sample.reward}")
+        group = {
+            "task_id": task.task_id,
+            "question_id": task.question_id,
+            "level": self.questions[task.question_id].level or 0,
+            "temperature": task.temperature,
+            "policy_version": task.policy_version,
+            "replica_id": submission.replica_id,
+            "samples": [_sample_to_dict(s) for s in submission.samples],
+        }
+        rewards = [s.reward for s in submission.samples]
+        result = self.store.complete(task.task_id, group, rewards)
+        if self.observer:
+            self.observer.on_submit(result.outcome, rewards, sum(len(s.response_token_ids) for s in submission.samples))
+        if result.step_done == result.step_total:
+            with self._step_complete:
+                self._step_complete.notify_all()
+        return result.outcome, result.step_done, result.step_total
+
+    def _rejected(self, reason: str) -> None:
+        if self.observer:
+            self.observer.on_rejected(reason)
+
+    # ---- the trainer's side ---------------------------------------------
+
+    def wait_for_batch(self, step: int, wait_s: float) -> dict:
+        """The finished batch of `step`, waiting up to wait_s for its last groups."""
+        with self._lock:
+            current = self.state["step"]
+            if self.state["finished"] and step >= current:
+                raise SchedulerError("failed_precondition", f"the run is finished after step {current - 1}")
+        if step < current:
+            raise SchedulerError("failed_precondition", f"step {step} is already trained (current step is {current})")
+        if step > current:
+            raise SchedulerError("failed_precondition", f"step {step} is not planned yet (current step is {current})")
+        deadline = time.monotonic() + max(wait_s, 0.0)
+        with self._step_complete:
+            while True:
+                done, total = self.store.step_progress(step)
+                if total and done == total:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SchedulerError("unavailable", f"step {step} has {done} of {total} groups; ask again")
+                # Submissions notify; the timeout also covers groups completed by another scheduler process.
+                self._step_complete.wait(min(remaining, 0.5))
+            record = self.allocation(step) or {}
+            return {
+                "step": step,
+                "policy_version": record.get("policy_version", self.state["policy_version"]),
+                "temperature": record.get("temperature", self.temperature),
+                "groups": self.store.step_groups(step),
+            }
+
+    def report(self, report: StepReport) -> dict:
+        """Absorb the trainer's report of the current step and plan the next one."""
+        with self._lock:
+            step = self.state["step"]
+            if report.step == step - 1 and self.state["reports"] and self.state["reports"][-1]["step"] == report.step:
+                return self._ack()  # a retried report: already applied
+            if report.step != step:
+                raise SchedulerError("failed_precondition", f"report for step {report.step}, but the current step is {step}")
+            done, total = self.store.step_progress(step)
+            if done != total:
+                raise SchedulerError("failed_precondition", f"step {step} is not complete ({done} of {total} groups)")
+            if report.new_policy_version < self.state["policy_version"]:
+                raise SchedulerError(
+                    "invalid_argument",
+                    f"new_policy_version {report.new_policy_version} is older than {self.state['policy_version']}",
+                )
+            if not report.skipped and not (math.isfinite(report.entropy) and report.entropy > 0):
+                raise SchedulerError("invalid_argument", f"entropy must be a positive number, got {report.entropy}")
+
+            groups = self.store.step_groups(step)
+            outcomes = [group_outcome([s["reward"] for s in g["samples"]]).value for g in groups]
+            temperature_before = self.temperature
+            if not report.skipped:
+                state = observe_entropy(self.temperature_config, self.temperature_state, report.entropy)
+                self.state["temperature"] = state.to_dict()
+            self.state["policy_version"] = report.new_policy_version
+            if report.weights_path:
+                self.state["weights_path"] = report.weights_path
+            entry = {
+                "step": step,
+                "entropy": report.entropy,
+                "loss": report.loss,
+                "skipped": report.skipped,
+                "temperature": temperature_before,
+                "next_temperature": self.temperature,
+                "target_entropy": self.temperature_state.target_entropy,
+                "policy_version": report.new_policy_version,
+                "rollouts": sum(len(g["samples"]) for g in groups),
+                "outcomes": {o: outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")},
+                "metrics": dict(report.metrics),
+            }
+            self.state["reports"] = (self.state["reports"] + [entry])[-ALLOCATION_HISTORY:]
+            next_step = step + 1
+            if self.config.allocation.rerank == "step" or next_step % self.steps_per_epoch == 0:
+                self.store.save_ranks(accuracy_ranks(self.question_ids, self.store.all_stats()))
+            self.store.drop_step(step)
+            self.state["step"] = next_step
+            if next_step >= self.config.training.steps:
+                self.state["finished"] = True
+            else:
+                self._plan(next_step)
+            self.store.save_state(self.state)
+            if self.observer:
+                self.observer.on_report(entry, self)
+            return self._ack()
+
+    def _ack(self) -> dict:
+        return {
+            "next_step": self.state["step"],
+            "next_temperature": self.temperature,
+            "finished": self.state["finished"],
+            "entropy_target": self.temperature_state.target_entropy or 0.0,
+        }
+
+    # ---- read side --------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            step = self.state["step"]
+            record = self.allocation(step) or {}
+            t = self.temperature_state
+            done, total = self.store.step_progress(step) if not self.state["finished"] else (0, 0)
+            return {
+                "step": step,
+                "epoch": self.epoch_of(step),
+                "total_steps": self.config.training.steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "finished": self.state["finished"],
+                "temperature": self.temperature,
+                "temperature_control": self.config.temperature.control,
+                "entropy_target": t.target_entropy,
+                "last_entropy": t.last_entropy,
+                "n_min": record.get("n_min"),
+                "n_max": record.get("n_max"),
+                "allocation_mode": self.config.allocation.mode,
+                "policy_version": self.state["policy_version"],
+                "weights_path": self.state["weights_path"],
+                "queue_depth": self.store.queue_depth(),
+                "leased_tasks": self.store.leased_count(),
+                "step_groups_done": done,
+                "step_groups_total": total,
+                "questions": len(self.question_ids),
+            }

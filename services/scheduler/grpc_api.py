@@ -1,0 +1,142 @@
+"""The scheduler's gRPC face: checks each message, converts it, calls the engine."""
+
+from __future__ import annotations
+
+import math
+from concurrent import futures
+
+import grpc
+
+from e3.contracts import e3_pb2 as pb
+from e3.contracts import e3_pb2_grpc as pb_grpc
+from services.common.auth import BearerTokenInterceptor
+from services.scheduler.engine import SchedulerEngine, SchedulerError, StepReport, SubmittedSample, Submission
+
+STATUS = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_LEASE = 4096
+MAX_WAIT_S = 600.0
+
+
+def _require(condition: bool, message: str, context: grpc.ServicerContext) -> None:
+    if not condition:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class SchedulerServicer(pb_grpc.SchedulerServicer):
+    def __init__(self, engine: SchedulerEngine) -> None:
+        self.engine = engine
+
+    def _call(self, context, fn, *args):
+        try:
+            return fn(*args)
+        except SchedulerError as exc:
+            context.abort(STATUS[exc.code], str(exc))
+
+    def LeaseTasks(self, request: pb.LeaseRequest, context) -> pb.LeaseReply:
+        _require(bool(request.replica_id), "replica_id must be non-empty", context)
+        _require(1 <= request.max_tasks <= MAX_LEASE, f"max_tasks must be in [1, {MAX_LEASE}], got {request.max_tasks}", context)
+        result = self._call(context, self.engine.lease, request.replica_id, request.max_tasks)
+        reply = pb.LeaseReply(
+            policy_version=result.policy_version,
+            weights_path=result.weights_path,
+            retry_after_s=result.retry_after_s,
+            finished=result.finished,
+        )
+        for leased in result.tasks:
+            r, q = leased.record, leased.question
+            reply.tasks.append(
+                pb.RolloutTask(
+                    task_id=r.task_id, lease_id=r.lease_id, step=r.step, question_id=r.question_id,
+                    prompt=q.prompt, verifier=q.verifier, ground_truth=q.answer, num_samples=r.num_samples,
+                    temperature=r.temperature, policy_version=r.policy_version,
+                    lease_expires_at=r.lease_expires_at, max_tokens=leased.max_tokens,
+                )
+            )
+        return reply
+
+    def SubmitGroup(self, request: pb.GroupResult, context) -> pb.SubmitReply:
+        _require(bool(request.task_id), "task_id must be non-empty", context)
+        _require(bool(request.replica_id), "replica_id must be non-empty", context)
+        _require(len(request.samples) > 0, "samples must not be empty", context)
+        _require(math.isfinite(request.temperature) and request.temperature > 0,
+                 f"temperature must be a positive number, got {request.temperature}", context)
+        submission = Submission(
+            task_id=request.task_id,
+            lease_id=request.lease_id,
+            replica_id=request.replica_id,
+            policy_version=request.policy_version,
+            temperature=request.temperature,
+            samples=[
+                SubmittedSample(
+                    prompt_token_ids=list(s.prompt_token_ids), response_token_ids=list(s.response_token_ids),
+                    response_logprobs=list(s.response_logprobs), text=s.text, reward=s.reward,
+                    reward_reason=s.reward_reason, finish_reason=s.finish_reason,
+                )
+                for s in request.samples
+            ],
+            generate_s=request.generate_s,
+            score_s=request.score_s,
+        )
+        outcome, done, total = self._call(context, self.engine.submit, submission)
+        return pb.SubmitReply(
+            accepted=outcome.value == "accepted", duplicate=outcome.value == "duplicate",
+            step_groups_done=done, step_groups_total=total,
+        )
+
+    def StreamBatch(self, request: pb.BatchRequest, context):
+        _require(0 <= request.wait_s <= MAX_WAIT_S, f"wait_s must be in [0, {MAX_WAIT_S}], got {request.wait_s}", context)
+        per_chunk = request.max_groups_per_chunk or 64
+        batch = self._call(context, self.engine.wait_for_batch, request.step, request.wait_s)
+        groups = batch["groups"]
+        for start in range(0, max(len(groups), 1), per_chunk):
+            chunk = pb.BatchChunk(
+                step=batch["step"], policy_version=batch["policy_version"], temperature=batch["temperature"],
+                total_groups=len(groups), last=start + per_chunk >= len(groups),
+            )
+            for g in groups[start:start + per_chunk]:
+                chunk.groups.append(
+                    pb.Group(
+                        task_id=g["task_id"], question_id=g["question_id"], temperature=g["temperature"],
+                        policy_version=g["policy_version"], level=g.get("level", 0),
+                        samples=[pb.Sample(**s) for s in g["samples"]],
+                    )
+                )
+            yield chunk
+
+    def ReportStep(self, request: pb.StepReport, context) -> pb.StepAck:
+        _require(math.isfinite(request.entropy), "entropy must be finite", context)
+        _require(math.isfinite(request.loss) or request.skipped, "loss must be finite unless the step was skipped", context)
+        for key, value in request.metrics.items():
+            _require(math.isfinite(value), f"metrics[{key!r}] must be finite", context)
+        report = StepReport(
+            step=request.step, entropy=request.entropy, new_policy_version=request.new_policy_version,
+            weights_path=request.weights_path, loss=request.loss, skipped=request.skipped,
+            metrics=dict(request.metrics),
+        )
+        ack = self._call(context, self.engine.report, report)
+        return pb.StepAck(**ack)
+
+
+def start_grpc_server(engine: SchedulerEngine, host: str, port: int, token: str | None, workers: int = 16) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the port it bound (port 0 picks a free one)."""
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerServicer(engine), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"scheduler could not bind gRPC on {host}:{port}")
+    server.start()
+    return server, bound

@@ -1,0 +1,79 @@
+"""The scheduler's Prometheus series (names from e3.metric_names)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from e3 import metric_names as m
+
+
+class SchedulerMetrics:
+    """Receives the engine's events and keeps the series up to date."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.planned = Counter(m.ROLLOUTS_PLANNED_TOTAL, "Rollouts planned by the allocator", registry=r)
+        self.generated = Counter(m.ROLLOUTS_GENERATED_TOTAL, "Rollouts generated and scored (accepted groups)", registry=r)
+        self.trained = Counter(m.ROLLOUTS_TRAINED_TOTAL, "Rollouts in batches the trainer reported", registry=r)
+        self.allocation = Histogram(
+            m.ALLOCATION_ROLLOUTS, "Rollouts given to one question in one step", registry=r,
+            buckets=(1, 2, 4, 6, 8, 10, 12, 16, 24, 32),
+        )
+        self.groups = Counter(m.GROUPS_TOTAL, "Trained groups by outcome", ["outcome"], registry=r)
+        self.outcome_share = Gauge(m.GROUP_OUTCOME_SHARE, "Share of groups by outcome in the last step", ["outcome"], registry=r)
+        self.temperature = Gauge(m.TEMPERATURE, "Sampling temperature of the current step", registry=r)
+        self.entropy = Gauge(m.ENTROPY, "Mean token entropy the trainer measured last", registry=r)
+        self.entropy_target = Gauge(m.ENTROPY_TARGET, "Entropy target of the temperature controller", registry=r)
+        self.validation = Gauge(m.VALIDATION_ACCURACY, "Validation accuracy (greedy)", ["level"], registry=r)
+        self.step = Gauge(m.STEP, "Current step", registry=r)
+        self.epoch = Gauge(m.EPOCH, "Current epoch", registry=r)
+        self.policy_version = Gauge(m.POLICY_VERSION, "Policy version replicas must sample with", registry=r)
+        self.bounds = Gauge(m.ROLLOUT_BOUNDS, "Per-question rollout bounds of the current step", ["bound"], registry=r)
+        self.queue_depth = Gauge(m.QUEUE_DEPTH, "Rollout tasks waiting for a replica", registry=r)
+        self.leased = Gauge(m.LEASED_TASKS, "Rollout tasks leased and not yet submitted", registry=r)
+        self.expiries = Counter(m.LEASE_EXPIRIES_TOTAL, "Leases that expired and went back to the queue", registry=r)
+        self.submissions = Counter(m.SUBMISSIONS_TOTAL, "Group submissions by result", ["result"], registry=r)
+
+    def bind(self, engine) -> None:
+        """Gauges read live from the engine and store at scrape time."""
+        self.queue_depth.set_function(engine.store.queue_depth)
+        self.leased.set_function(engine.store.leased_count)
+        self.step.set_function(lambda: engine.step)
+        self.epoch.set_function(lambda: engine.epoch_of(engine.step))
+        self.policy_version.set_function(lambda: engine.state["policy_version"])
+        self.temperature.set_function(lambda: engine.temperature)
+
+    def on_plan(self, record: dict) -> None:
+        self.planned.inc(sum(record["counts"]))
+        for count in record["counts"]:
+            self.allocation.observe(count)
+        self.bounds.labels("n_min").set(record["n_min"])
+        self.bounds.labels("n_max").set(record["n_max"])
+
+    def on_submit(self, outcome, rewards, tokens) -> None:
+        self.submissions.labels(outcome.value).inc()
+        if outcome.value == "accepted":
+            self.generated.inc(len(rewards))
+
+    def on_rejected(self, reason: str) -> None:
+        self.submissions.labels("rejected").inc()
+
+    def on_lease_expiries(self, count: int) -> None:
+        self.expiries.inc(count)
+
+    def on_report(self, entry: dict, engine) -> None:
+        self.trained.inc(entry["rollouts"])
+        total = sum(entry["outcomes"].values()) or 1
+        for outcome, count in entry["outcomes"].items():
+            self.groups.labels(outcome).inc(count)
+            self.outcome_share.labels(outcome).set(count / total)
+        if entry["entropy"] and entry["entropy"] > 0:
+            self.entropy.set(entry["entropy"])
+        if entry["target_entropy"] is not None:
+            self.entropy_target.set(entry["target_entropy"])
+        for key, value in entry["metrics"].items():
+            if key == "val_accuracy":
+                self.validation.labels("all").set(value)
+            elif key.startswith("val_accuracy_L"):
+                self.validation.labels(key.removeprefix("val_accuracy_L")).set(value)
