@@ -117,10 +117,27 @@ def _read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
     return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
 
 
-def run_training(config: E3Config, run_dir: Path, env: dict | None = None) -> dict:
-    """Run one training job end to end; returns the summary written to summary.json."""
+@dataclass
+class RunningStack:
+    stack: Stack
+    config: E3Config
+    ports: dict
+    trainer: Service
+    replicas: list[Service]
+    reward: Service
+    scheduler: Service
+
+    def url(self, service: str, index: int = 0) -> str:
+        port = self.ports[service][index] if service == "generation" else self.ports[service]
+        return f"http://{self.config.scheduler.host}:{port}"
+
+
+def start_stack(config: E3Config, run_dir: Path, env: dict | None = None) -> RunningStack:
+    """Start reward, scheduler, generation replicas and trainer; return once all are up.
+
+    The caller owns the result and must call `.stack.stop()`.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     config, ports = resolve_run_config(config, run_dir)
     config_path = str(run_dir / "config.yaml")
     host = config.scheduler.host
@@ -128,7 +145,6 @@ def run_training(config: E3Config, run_dir: Path, env: dict | None = None) -> di
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.generation.cpu_kv_cache_gb))
     env["PYTHONUNBUFFERED"] = "1"
     stack = Stack(run_dir, env)
-    records: list[dict] = []
     try:
         reward = stack.start("reward", ["services.reward", "--host", host, "--port", str(ports["reward"]),
                                         "--timeout-s", str(config.reward.timeout_s)],
@@ -150,18 +166,32 @@ def run_training(config: E3Config, run_dir: Path, env: dict | None = None) -> di
                                           "--http-port", str(ports["trainer"])])
         for replica in replicas:
             stack.wait_ready(replica, 300)
-        records = _follow(config, run_dir, stack, trainer)
+    except BaseException:
+        stack.stop()
+        raise
+    return RunningStack(stack, config, ports, trainer, replicas, reward, scheduler)
+
+
+def run_training(config: E3Config, run_dir: Path, env: dict | None = None) -> dict:
+    """Run one training job end to end; returns the summary written to summary.json."""
+    started = time.time()
+    running = None
+    try:
+        running = start_stack(config, run_dir, env)
+        follow_training(running, run_dir)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping the services[/yellow]")
         raise
     finally:
-        stack.stop()
-    return _finish(config, run_dir, started)
+        if running is not None:
+            running.stack.stop()
+    return _finish(running.config, run_dir, started)
 
 
-def _follow(config: E3Config, run_dir: Path, stack: Stack, trainer: Service) -> list[dict]:
+def follow_training(running: RunningStack, run_dir: Path) -> list[dict]:
     """Progress bar until the trainer exits; raises if any service dies."""
-    steps = config.training.steps
+    stack, trainer = running.stack, running.trainer
+    steps = running.config.training.steps
     records: list[dict] = []
     offset = 0
     columns = [TextColumn("[bold]E3[/bold] step {task.completed}/{task.total}"), BarColumn(),

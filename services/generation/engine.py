@@ -25,6 +25,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+MIN_TEMPERATURE = 0.01  # vllm.sampling_params._MAX_TEMP: lower values are clamped
+
 
 @dataclass
 class Completion:
@@ -95,12 +97,15 @@ class GenerationEngine:
     async def sample(self, prompt: str, num_samples: int, temperature: float, max_tokens: int) -> list[Completion]:
         """`num_samples` independent completions of `prompt`, in one request."""
         from vllm import SamplingParams
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
         from vllm.sampling_params import RequestOutputKind
 
         llm = self._require_started()
-        if num_samples < 1 or max_tokens < 1 or not temperature > 0:
+        # vLLM raises temperatures below 0.01 to 0.01, which would make the
+        # returned logprobs belong to another temperature than the task's.
+        if num_samples < 1 or max_tokens < 1 or not temperature >= MIN_TEMPERATURE:
             raise ValueError(
-                f"need num_samples >= 1, max_tokens >= 1, temperature > 0; "
+                f"need num_samples >= 1, max_tokens >= 1, temperature >= {MIN_TEMPERATURE}; "
                 f"got {num_samples}, {max_tokens}, {temperature}"
             )
         params = SamplingParams(
@@ -110,8 +115,10 @@ class GenerationEngine:
             logprobs=0,  # only the sampled token's log-probability
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
+        # Rendering the prompt ourselves is the 0.32 way; raw strings are deprecated.
+        (engine_input,) = await llm.renderer.render_cmpl_async([parse_model_prompt(llm.model_config, prompt)])
         final = None
-        async for output in llm.generate({"prompt": prompt}, params, request_id=uuid.uuid4().hex):
+        async for output in llm.generate(engine_input, params, request_id=uuid.uuid4().hex):
             final = output
         if final is None or len(final.outputs) != num_samples:
             got = 0 if final is None else len(final.outputs)
@@ -126,6 +133,12 @@ class GenerationEngine:
                 raise RuntimeError(f"vLLM returned {len(logprobs)} logprobs for {len(ids)} tokens")
             completions.append(Completion(prompt_ids, ids, logprobs, out.text, out.finish_reason or ""))
         return completions
+
+    async def warm_up(self) -> float:
+        """Sample once so the first lease does not pay for lazy initialisation (seconds on CPU)."""
+        begin = time.perf_counter()
+        await self.sample("1", 1, 1.0, 1)
+        return time.perf_counter() - begin
 
     async def update_weights(self, weights_path: str | Path, version: int) -> float:
         """Load policy `version` from `weights_path` in place; returns the seconds generation was paused."""

@@ -216,7 +216,8 @@ class Trainer:
         record = {
             "step": step, "phase": "train", "temperature": batch["temperature"], "entropy": result.entropy,
             "loss": result.loss,
-            "skipped": result.skipped, "policy_version": version, "rollouts": tensors.num_samples,
+            "skipped": result.skipped, "policy_version": version, "sampled_policy_version": batch["policy_version"],
+            "rollouts": tensors.num_samples,
             "tokens": tensors.num_response_tokens, "mean_reward": float(tensors.rewards.mean()),
             "group_sizes": tensors.group_sizes, "group_levels": tensors.levels, "outcomes": outcomes,
             "grad_norm": result.grad_norm, "clip_fraction": result.clip_fraction, "timings": timings,

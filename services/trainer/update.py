@@ -100,7 +100,7 @@ def grpo_update(
             # accumulated gradient is the token-level mean over the whole part.
             weight = float(micro.response_mask.sum()) / part_tokens
             (parts_out.loss * weight).backward()
-            part_loss += float(parts_out.loss) * weight
+            part_loss += float(parts_out.loss.detach()) * weight
             clip_fractions.append(float(parts_out.clip_fraction))
             kls.append(float(parts_out.approx_kl_old))
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))

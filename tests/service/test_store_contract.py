@@ -309,7 +309,7 @@ DAMAGES = {  # each turns a good snapshot (parsed) into the text of a bad one
     "not-json": lambda data: "{not json",
     "wrong-version": lambda data: json.dumps({**data, "version": 99}),
     "queue-names-unknown-task": lambda data: json.dumps({**data, "queue": data["queue"] + ["ghost"]}),
-    "bad-field-type": lambda data: json.dumps({**data, "tasks": [{**data["tasks"][0], "step": "x"}] + data["tasks"][1:]}),
+    "bad-field-type": lambda data: json.dumps({**data, "tasks": [{**t, "step": "x"} for t in data["tasks"]]}),
     "groups-lost": lambda data: json.dumps({**data, "groups": {"1": {}, "2": {}}}),
 }
 

@@ -1,0 +1,282 @@
+"""The replica loop: lease tasks, sample them, score them, submit them, repeat.
+
+One lease at a time. Its tasks are sampled concurrently (vLLM batches them),
+all completions are scored in one call to the reward service, and each
+task's group is submitted on its own. Weights change only between leases,
+so every group of a lease is sampled with one policy version.
+
+Nothing is lost when something fails: a group that is not submitted keeps
+its lease until the lease expires, and the scheduler then hands the task
+out again. So the loop never retries past a lease's expiry; it gives up,
+logs the reason, and moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import httpx
+
+from e3.contracts import e3_pb2 as pb
+from e3.contracts import e3_pb2_grpc as pb_grpc
+from services.common.auth import call_metadata
+from services.generation.engine import Completion, GenerationEngine
+from services.generation.metrics import GenerationMetrics, ReplicaState
+
+log = logging.getLogger(__name__)
+
+# Codes that mean "the scheduler is down or busy right now", not "you are wrong".
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+FIRST_DELAY_S, MAX_DELAY_S = 0.25, 8.0
+MAX_SYNC_DELAY_S = 60.0  # between leases while weights cannot be loaded
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    replica_id: str
+    max_tasks: int
+    reward_url: str  # base URL; /v1/score is appended
+    token: str | None = None
+    rpc_timeout_s: float = 30.0
+    # Give up retrying this long before the earliest lease of a batch expires,
+    # so a late submission does not race the scheduler re-queueing the task.
+    lease_margin_s: float = 1.0
+
+
+class RewardError(Exception):
+    """The reward service could not score a batch in time, or refused it."""
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, but wake at once when `stop` is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=max(seconds, 0.0))
+    except asyncio.TimeoutError:
+        pass
+
+
+class Replica:
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        stub: pb_grpc.SchedulerStub,
+        http: httpx.AsyncClient,
+        settings: WorkerSettings,
+        metrics: GenerationMetrics,
+        state: ReplicaState,
+    ) -> None:
+        self.engine, self.stub, self.http = engine, stub, http
+        self.settings, self.metrics, self.state = settings, metrics, state
+        self.metadata = call_metadata(settings.token)
+        self.auth_headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+
+    async def run(self, stop: asyncio.Event) -> str:
+        """Work until `stop` is set; returns "finished" if the run ended first, else "stopped"."""
+        delay = sync_delay = FIRST_DELAY_S
+        while not stop.is_set():
+            try:
+                reply = await self.stub.LeaseTasks(
+                    pb.LeaseRequest(
+                        replica_id=self.settings.replica_id,
+                        max_tasks=self.settings.max_tasks,
+                        policy_version=self.engine.loaded_version or 0,
+                    ),
+                    metadata=self.metadata,
+                    timeout=self.settings.rpc_timeout_s,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise  # a wrong token or a bad request: retrying cannot help
+                log.warning("LeaseTasks: %s (%s); retrying in %.2fs", exc.code().name, exc.details(), delay)
+                await sleep_unless(stop, delay)
+                delay = min(delay * 2, MAX_DELAY_S)
+                continue
+            delay = FIRST_DELAY_S
+            self.state.scheduler_version = reply.policy_version
+            self._publish_versions()
+            if reply.finished:
+                # Serve the final policy and stay up (a server under an
+                # orchestrator must not exit by itself); SIGTERM ends it.
+                if reply.policy_version != self.engine.loaded_version and reply.weights_path:
+                    await self.sync_weights(reply)
+                    self._publish_versions()
+                log.info("the scheduler says the run is finished; idle on policy v%s until stopped", self.engine.loaded_version)
+                await stop.wait()
+                return "finished"
+            if reply.policy_version != self.engine.loaded_version and not await self.sync_until_deadline(reply, stop):
+                # The leased tasks, if any, expire and go back to the queue. Back
+                # off, so that a replica that cannot load weights does not keep
+                # leasing (and sitting on) tasks every second.
+                await sleep_unless(stop, sync_delay)
+                sync_delay = min(sync_delay * 2, MAX_SYNC_DELAY_S)
+                continue
+            sync_delay = FIRST_DELAY_S
+            if not reply.tasks:
+                await sleep_unless(stop, reply.retry_after_s or 0.2)
+                continue
+            # Not interrupted by `stop`: a SIGTERM lets the leased groups finish and be submitted.
+            await self.work(list(reply.tasks))
+        log.info("stopping on request; no lease is held")
+        return "stopped"
+
+    def _publish_versions(self) -> None:
+        self.state.loaded_version = self.engine.loaded_version
+        self.metrics.versions(self.engine.loaded_version, self.state.scheduler_version)
+
+    async def sync_until_deadline(self, reply: pb.LeaseReply, stop: asyncio.Event) -> bool:
+        """Load the reply's policy, retrying while the leased tasks can still be submitted."""
+        deadline = min((t.lease_expires_at for t in reply.tasks), default=0.0) - self.settings.lease_margin_s
+        delay = FIRST_DELAY_S
+        while True:
+            if await self.sync_weights(reply):
+                return True
+            # e.g. the weights directory is not visible on this machine yet.
+            if stop.is_set() or time.time() + delay > deadline:
+                return False
+            await sleep_unless(stop, delay)
+            delay = min(delay * 2, MAX_DELAY_S)
+
+    async def sync_weights(self, reply: pb.LeaseReply) -> bool:
+        """Load the scheduler's policy version in place; False when that failed."""
+        version, path = reply.policy_version, reply.weights_path
+        if not path:
+            log.error("the scheduler serves policy version %d but names no weights_path; cannot load it", version)
+            return False
+        try:
+            seconds = await self.engine.update_weights(path, version)
+        except Exception:  # noqa: BLE001 - a bad directory must not kill the replica; the next lease retries
+            log.exception("loading policy version %d from %s failed", version, path)
+            return False
+        finally:
+            self._publish_versions()
+        self.metrics.weight_sync(seconds)
+        log.info("policy version %d from %s: generation paused %.3fs", version, path, seconds)
+        return True
+
+    async def work(self, tasks: list[pb.RolloutTask]) -> None:
+        version = self.engine.loaded_version
+        wrong = [t.task_id for t in tasks if t.policy_version != version]
+        if wrong:
+            # Sampling them would only earn a stale-version refusal.
+            log.warning("tasks %s want a policy version other than %s; leaving them to expire", wrong, version)
+        tasks = [t for t in tasks if t.policy_version == version]
+        begin = time.perf_counter()
+        results = await asyncio.gather(
+            *(self.engine.sample(t.prompt, t.num_samples, t.temperature, t.max_tokens) for t in tasks),
+            return_exceptions=True,
+        )
+        generate_s = time.perf_counter() - begin
+        sampled: list[tuple[pb.RolloutTask, list[Completion]]] = []
+        for task, result in zip(tasks, results):
+            if isinstance(result, BaseException):
+                log.error("task %s (question %s): sampling failed: %r", task.task_id, task.question_id, result)
+            else:
+                sampled.append((task, result))
+        self.metrics.generated(sum(len(c.response_token_ids) for _, cs in sampled for c in cs), generate_s)
+        if not sampled:
+            return
+        deadline = min(t.lease_expires_at for t, _ in sampled) - self.settings.lease_margin_s
+        begin = time.perf_counter()
+        try:
+            verdicts = await self.score(sampled, deadline)
+        except RewardError as exc:
+            log.error("%s; not submitting %d groups, their leases will expire", exc, len(sampled))
+            return
+        score_s = time.perf_counter() - begin
+        offset = 0
+        submissions = []
+        for task, completions in sampled:
+            group_verdicts = verdicts[offset : offset + len(completions)]
+            offset += len(completions)
+            group = self._group(task, completions, group_verdicts, version, generate_s, score_s)
+            submissions.append(self.submit(group, deadline))
+        await asyncio.gather(*submissions)
+        samples = sum(len(cs) for _, cs in sampled)
+        log.info(
+            "lease of %d tasks (policy version %s): %d samples in %.2fs, scored in %.2fs",
+            len(sampled), version, samples, generate_s, score_s,
+        )
+
+    async def score(self, sampled: list[tuple[pb.RolloutTask, list[Completion]]], deadline: float) -> list[dict]:
+        """Verdicts for every completion, in order; retried with back-off until `deadline`."""
+        items = [
+            {"verifier": task.verifier, "response": c.text, "ground_truth": task.ground_truth}
+            for task, completions in sampled
+            for c in completions
+        ]
+        url = self.settings.reward_url.rstrip("/") + "/v1/score"
+        delay = FIRST_DELAY_S
+        while True:
+            remaining = deadline - time.time()
+            try:
+                response = await self.http.post(
+                    url, json={"items": items}, headers=self.auth_headers, timeout=max(remaining, 1.0)
+                )
+                if response.status_code < 500:
+                    if response.status_code != 200:
+                        raise RewardError(f"reward service refused the batch: HTTP {response.status_code} {response.text[:300]}")
+                    verdicts = response.json()["verdicts"]
+                    if len(verdicts) != len(items):
+                        raise RewardError(f"reward service returned {len(verdicts)} verdicts for {len(items)} items")
+                    return verdicts
+                problem = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise RewardError(f"reward service at {url} still failing at the lease deadline ({problem})")
+            self.metrics.reward_retry()
+            log.warning("reward service at %s: %s; retrying in %.2fs", url, problem, min(delay, remaining))
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, MAX_DELAY_S)
+
+    def _group(self, task, completions, verdicts, version, generate_s, score_s) -> pb.GroupResult:
+        return pb.GroupResult(
+            task_id=task.task_id,
+            lease_id=task.lease_id,
+            replica_id=self.settings.replica_id,
+            policy_version=version,  # the version that sampled it, equal to the task's
+            temperature=task.temperature,  # echoed exactly; the scheduler compares it
+            samples=[
+                pb.Sample(
+                    prompt_token_ids=c.prompt_token_ids,
+                    response_token_ids=c.response_token_ids,
+                    response_logprobs=c.response_logprobs,
+                    text=c.text,
+                    reward=float(v["reward"]),
+                    reward_reason=v.get("reason") or "",
+                    finish_reason=c.finish_reason,
+                )
+                for c, v in zip(completions, verdicts)
+            ],
+            generate_s=generate_s,
+            score_s=score_s,
+        )
+
+    async def submit(self, group: pb.GroupResult, deadline: float) -> None:
+        delay = FIRST_DELAY_S
+        while True:
+            try:
+                reply = await self.stub.SubmitGroup(group, metadata=self.metadata, timeout=self.settings.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code in RETRYABLE and time.time() + delay < deadline:
+                    log.warning("SubmitGroup %s: %s; retrying in %.2fs", group.task_id, code.name, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_DELAY_S)
+                    continue
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    # The policy moved on; the next lease reply names the new weights and we load them.
+                    log.warning("group %s refused as stale, dropped: %s", group.task_id, exc.details())
+                elif code == grpc.StatusCode.NOT_FOUND:
+                    log.warning("group %s dropped: %s", group.task_id, exc.details())
+                else:
+                    log.error("SubmitGroup %s failed, group dropped: %s %s", group.task_id, code.name, exc.details())
+                return
+            if reply.duplicate:
+                log.info("group %s was already submitted (duplicate)", group.task_id)
+            return
