@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit base-model stubs clean
+.PHONY: setup run test test-unit base-model stubs clean compose-check k8s-check
 
 setup:
 	@bash scripts/bootstrap.sh $(VENV)
@@ -16,11 +16,19 @@ base-model: setup
 run: setup
 	@$(PY) -m e3 run
 
-test: setup base-model
+test: setup base-model compose-check k8s-check
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-unit: setup
 	@$(PY) -m pytest -q tests/unit
+
+# Deployment files against their specifications and the code (docs/deploy.md).
+compose-check: setup
+	@bash scripts/fetch_deploy_tools.sh $(VENV)
+	@$(PY) scripts/compose_check.py
+
+k8s-check: setup
+	@$(PY) scripts/k8s_check.py
 
 stubs: setup
 	@$(PY) -m e3.contracts.build

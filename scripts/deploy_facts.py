@@ -34,7 +34,10 @@ from e3.config import SHORT_ENV, ConfigError, E3Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Environment variables consumed by libraries inside the images, by prefix.
-LIBRARY_ENV_PREFIXES = ("VLLM_", "CUDA_", "NVIDIA_", "NCCL_", "TORCH", "OMP_", "HF_", "PYTHON", "TRITON_", "TOKENIZERS_")
+LIBRARY_ENV_PREFIXES = ("VLLM_", "CUDA_", "NVIDIA_", "NCCL_", "TORCH", "OMP_", "HF_", "PYTHON", "TRITON_", "TOKENIZERS_",
+                        "PIP_", "LC_")
+# ...and by the operating system or the C library of every process.
+PROCESS_ENV = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR"})
 # The images' entry-point scripts; the variables they read count as read.
 ENTRYPOINT_SCRIPTS = (ROOT / "deploy" / "docker" / "gpu-claim.sh",)
 
@@ -164,7 +167,7 @@ def env_problems(container: Container) -> list[str]:
     literal, loads_config = env_read_by(container.service)
     out = []
     for name in sorted(container.env):
-        if name in literal or name.startswith(LIBRARY_ENV_PREFIXES):
+        if name in literal or name in PROCESS_ENV or name.startswith(LIBRARY_ENV_PREFIXES):
             continue
         if loads_config and (name in SHORT_ENV or (name.startswith("E3_") and "__" in name)):
             continue  # load_config validates these (unknown fields are rejected there)

@@ -38,9 +38,9 @@ class Recipe:
     spec: ModelSpec = field(default_factory=ModelSpec)
     # Share of each level in every SFT batch; they need not sum to one.
     level_weights: dict[int, float] = field(
-        default_factory=lambda: {1: 0.30, 2: 0.25, 3: 0.20, 4: 0.15, 5: 0.10}
+        default_factory=lambda: {1: 0.36, 2: 0.12, 3: 0.18, 4: 0.20, 5: 0.14}
     )
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 100

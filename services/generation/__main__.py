@@ -14,6 +14,7 @@ groups in flight, exit 0.
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import signal
 import zlib
@@ -25,7 +26,8 @@ from e3.config import E3Config, load_config
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from services.common.runtime import setup_logging
 from services.generation.engine import GenerationEngine
-from services.generation.http_api import HttpServerThread, create_app
+from services.common.http_thread import HttpServerThread
+from services.generation.http_api import create_app
 from services.generation.metrics import GenerationMetrics, ReplicaState
 from services.generation.worker import Replica, WorkerSettings
 
@@ -53,7 +55,7 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
     state = ReplicaState()
     metrics = GenerationMetrics(args.replica_id)
     # Up before the engine, so /healthz answers (and /readyz says "not yet") while it starts.
-    http_server = HttpServerThread(create_app(state, metrics), args.host, args.http_port)
+    http_server = HttpServerThread(create_app(state, metrics), args.host, args.http_port, name="generation-http")
     http_server.start()
     gen = config.generation
     engine = GenerationEngine(gen.gpu_memory_utilization, gen.cpu_kv_cache_gb, replica_seed(config.training.seed, args.replica_id))
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policy-version", type=int, default=0, help="the policy version --model-dir holds")
     parser.add_argument("--scheduler", help="scheduler gRPC address HOST:PORT")
     parser.add_argument("--reward-url", help="reward service base URL, e.g. http://127.0.0.1:8200")
-    parser.add_argument("--replica-id", default="gen-0")
+    parser.add_argument("--replica-id", default=os.environ.get("HOSTNAME") or "gen-0",
+                        help="unique per replica; labels its metrics and seeds its sampler (default: $HOSTNAME)")
     parser.add_argument("--host", default="127.0.0.1", help="address of the health/metrics HTTP server")
     parser.add_argument("--http-port", type=int)
     parser.add_argument("--max-tasks", type=int, help="tasks asked for per lease")

@@ -1,17 +1,14 @@
-"""A replica's HTTP face: /healthz, /readyz, /metrics, served from its own thread.
+"""A replica's HTTP face: /healthz, /readyz, /metrics.
 
-It runs on a thread with its own event loop so that health checks answer
-while the engine is starting (a blocking half minute on CPU) and however
-busy the sampling loop is.
+It is served from its own thread (services.common.http_thread) so that health
+checks answer while the engine is starting (a blocking half minute on CPU)
+and however busy the sampling loop is.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 
-import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -40,25 +37,3 @@ def create_app(state: ReplicaState, metrics: GenerationMetrics) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-class HttpServerThread:
-    """uvicorn on a daemon thread; uvicorn skips signal handlers off the main thread."""
-
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="generation-http", daemon=True)
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        self.thread.start()
-        # A port already in use ends the thread, not the process; say so here.
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                config = self.server.config
-                raise OSError(f"generation HTTP server did not start on {config.host}:{config.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=5)

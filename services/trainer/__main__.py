@@ -9,11 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from e3.config import load_config
 from e3.tasks.datasets import load_split
+from services.common.http_thread import HttpServerThread
 from services.common.runtime import setup_logging, stop_event_on_signals
+from services.trainer.http_api import create_app
 from services.trainer.loop import Trainer, TrainingStopped
 from services.trainer.metrics import TrainerMetrics
 
@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.trainer", description=__doc__)
     parser.add_argument("--config", help="YAML config file (environment variables override it)")
     parser.add_argument("--scheduler", required=True, help="scheduler gRPC address HOST:PORT")
-    parser.add_argument("--http-port", type=int, help="port for /metrics (default: config trainer.http_port)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address of /healthz, /readyz and /metrics")
+    parser.add_argument("--http-port", type=int, help="port for /healthz, /readyz, /metrics (default: config trainer.http_port)")
     args = parser.parse_args(argv)
 
     log = setup_logging("trainer")
@@ -32,14 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_event_on_signals()
     metrics = TrainerMetrics()
     port = config.trainer.http_port if args.http_port is None else args.http_port
-    start_http_server(port, addr="127.0.0.1" if config.scheduler.host == "127.0.0.1" else "0.0.0.0", registry=metrics.registry)
-    valid = load_split(config.data, "valid", base_dir=Path.cwd())
-    trainer = Trainer(config, Path(config.base_model), args.scheduler, valid, metrics=metrics)
+    status = {"ready": False}
+    http = HttpServerThread(create_app(metrics, status), args.host, port, name="trainer-http")
+    http.start()
     try:
+        valid = load_split(config.data, "valid", base_dir=Path.cwd())
+        trainer = Trainer(config, Path(config.base_model), args.scheduler, valid, metrics=metrics, status=status)
         trainer.run(stop)
     except TrainingStopped as exc:
         log.error("%s", exc)
         return 3
+    finally:
+        http.stop()
     return 0
 
 

@@ -71,7 +71,7 @@ class Progress:
 
 class Trainer:
     def __init__(self, config: E3Config, base_model: Path, scheduler_address: str, valid: list[Question],
-                 metrics=None, trainer_id: str = "trainer-0") -> None:
+                 metrics=None, trainer_id: str = "trainer-0", status: dict | None = None) -> None:
         self.config = config
         self.base_model = base_model
         self.valid = valid
@@ -103,6 +103,8 @@ class Trainer:
         )
         self.stub = pb_grpc.SchedulerStub(self.channel)
         self.call_metadata = call_metadata(config.api_token)
+        self.status = status if status is not None else {}
+        self.status.update(ready=True, step=self.progress.next_step, policy_version=self.progress.policy_version)
 
     # ---- talking to the scheduler -----------------------------------------
 
@@ -276,3 +278,4 @@ class Trainer:
             if self.metrics:
                 self.metrics.observe(record)
         self.progress.pending_report = None
+        self.status.update(step=self.progress.next_step, policy_version=self.progress.policy_version)

@@ -1,0 +1,401 @@
+"""`make compose-check`: the compose files against the Compose specification and the code.
+
+1. Each file is validated against the Compose specification's JSON Schema
+   (compose-spec.json as vendored by the check-jsonschema package).
+2. The real Docker Compose (`config`, no engine needed) loads the files as
+   `docker compose up` would, for the GPU stack and with the CPU override.
+3. The resolved model is compared with what the code does
+   (scripts/deploy_facts.py): every e3 service's command goes through its own
+   argparse, its environment through e3.config, and its ports, health
+   checks, Prometheus targets, dialled addresses and shared volumes must
+   match what the service listens on, dials and opens. The Dockerfile's
+   targets get the same treatment, and the image requirement files must
+   match the code's imports (scripts/image_requirements.py).
+
+Exit status 0 when all is well, 1 on drift, 2 when a tool is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jsonschema
+import yaml
+
+import deploy_facts as facts
+import dockerfile
+import image_requirements
+import promql_checks
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"gpu": ("docker-compose.yml",), "cpu": ("docker-compose.yml", "docker-compose.cpu.yml")}
+# Stand-ins for the secrets compose requires (${VAR:?...}); never used for anything else.
+CHECK_ENV = {"REDIS_PASSWORD": "compose-check-redis", "E3_API_TOKEN": "compose-check-token",
+             "GRAFANA_ADMIN_PASSWORD": "compose-check-grafana"}
+GPU_SERVICES = ("generation", "trainer")  # the e3 services that need a GPU on the GPU stack
+REDIS_DEFAULT_PORT = 6379
+PROMETHEUS_DEFAULT_PORT = 9090
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags (!reset, !override) read as plain values."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, lambda loader, node: (
+        loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+        else loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_scalar(node) or None))
+
+
+@lru_cache(maxsize=1)
+def compose_schema() -> dict:
+    path = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    return json.loads(path.read_text())
+
+
+def schema_problems(paths: list[Path] | None = None) -> list[str]:
+    validator = jsonschema.Draft202012Validator(compose_schema())
+    out = []
+    for path in paths or sorted({ROOT / f for files in VARIANTS.values() for f in files}):
+        document = yaml.load(path.read_text(), Loader=_ComposeLoader)
+        for error in sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path)):
+            location = ".".join(map(str, error.absolute_path)) or "(top level)"
+            out.append(f"{path.name}: {location}: {error.message} (Compose specification schema)")
+    return out
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` if the plugin works here, else the binary fetch_deploy_tools.sh put in the venv."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    local = Path(sys.prefix) / "e3-tools" / "docker-compose"
+    return [str(local)] if local.is_file() else None
+
+
+def resolved_model(files: tuple[str, ...], compose: list[str], project_dir: Path = ROOT) -> dict:
+    command = [*compose, "--project-directory", str(project_dir)]
+    for name in files:
+        command += ["-f", str(project_dir / name)]
+    # Only the stand-in secrets and PATH: a developer's own .env or E3_* variables must not change the result.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **CHECK_ENV}
+    done = subprocess.run([*command, "--env-file", os.devnull, "config", "--format", "json"],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise facts.DriftError(f"docker compose config ({' + '.join(files)}) failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+# ---------------------------------------------------------------- drift
+
+def _unescape(command: list[str]) -> list[str]:
+    return [part.replace("$$", "$") for part in command]
+
+
+def _url_of(test: list[str]) -> tuple[int, str] | None:
+    for part in test:
+        if part.startswith("http://"):
+            parts = urlsplit(part)
+            return parts.port or 80, parts.path
+    return None
+
+
+def _config_file(argv: list[str], stage: dockerfile.Stage | None) -> Path | None:
+    """The repo file behind --config: the Dockerfile COPYs it into the image."""
+    if "--config" not in argv or stage is None:
+        return None
+    inside = argv[argv.index("--config") + 1]
+    source = stage.copies.get(inside)
+    return ROOT / source if source else None
+
+
+def _container_of(name: str, service: dict, stages: dict, where: str):
+    stage = stages.get((service.get("build") or {}).get("target"))
+    command = service.get("command") or (stage.cmd if stage else None)
+    split = facts.split_command(_unescape(command or []))
+    if split is None:
+        return None, stage
+    env = {**(stage.env if stage else {}), **{k: v for k, v in (service.get("environment") or {}).items() if v is not None}}
+    e3_service, argv = split
+    return facts.Container(where, e3_service, argv, env, _config_file(argv, stage)), stage
+
+
+def drift_problems(model: dict, variant: str) -> list[str]:
+    stages = dockerfile.parse()
+    services = model["services"]
+    out: list[str] = []
+    resolved: dict[str, tuple[facts.Container, facts.Resolved]] = {}
+    for name, service in services.items():
+        where = f"compose[{variant}] service {name}"
+        container, stage = _container_of(name, service, stages, where)
+        if container is None:
+            continue
+        try:
+            result = facts.resolve(container)
+        except facts.DriftError as exc:
+            out.append(str(exc))
+            continue
+        resolved[name] = (container, result)
+        out += facts.env_problems(container) + facts.serving_problems(container, result)
+        if not container.env.get("E3_API_TOKEN"):
+            out.append(f"{where}: E3_API_TOKEN is not set; the services authenticate every call with it")
+        out += _port_problems(name, service, result, where)
+        out += _volume_problems(service, result, where)
+    out += _dial_problems(services, resolved, variant)
+    out += _shared_volume_problems(services, resolved, variant)
+    out += _gpu_problems(services, resolved, variant)
+    out += _prometheus_problems(services, resolved, variant)
+    out += _grafana_problems(services, variant)
+    return out
+
+
+def _port_problems(name: str, service: dict, result: facts.Resolved, where: str) -> list[str]:
+    out = []
+    listening = set(result.ports.values())
+    exposed = {int(str(p).split("/")[0]) for p in service.get("expose") or []}
+    published = {int(p["target"]) for p in service.get("ports") or []}
+    if exposed != listening:
+        out.append(f"{where}: expose {sorted(exposed)} but the service listens on {sorted(listening)}")
+    if published - listening:
+        out.append(f"{where}: publishes {sorted(published - listening)}, where nothing listens")
+    health = _url_of((service.get("healthcheck") or {}).get("test") or [])
+    if health is None:
+        out.append(f"{where}: no HTTP health check")
+    elif health[0] not in listening or health[1] not in result.routes:
+        out.append(f"{where}: health check {health} is not a route the service serves on {sorted(listening)}")
+    return out
+
+
+def _mount_for(service: dict, path: str) -> dict | None:
+    best = None
+    for mount in service.get("volumes") or []:
+        target = mount["target"].rstrip("/")
+        if (path == target or path.startswith(target + "/")) and (best is None or len(target) > len(best["target"])):
+            best = mount
+    return best
+
+
+def _volume_problems(service: dict, result: facts.Resolved, where: str) -> list[str]:
+    out = []
+    for role, (path, mode) in result.paths.items():
+        mount = _mount_for(service, path)
+        if mount is None:
+            out.append(f"{where}: {role} {path} is on no volume; other containers cannot see it")
+        elif mode == "rw" and mount.get("read_only"):
+            out.append(f"{where}: writes {role} {path} but {mount['target']} is mounted read-only")
+    return out
+
+
+def _shared_volume_problems(services: dict, resolved: dict, variant: str) -> list[str]:
+    """Paths services hand each other (a policy's directory) must be the same volume at the same place."""
+    by_role: dict[str, dict[str, tuple]] = {}
+    for name, (_, result) in resolved.items():
+        for role, (path, _) in result.paths.items():
+            mount = _mount_for(services[name], path) or {}
+            by_role.setdefault(role, {})[name] = (path, mount.get("source"), mount.get("target"))
+    out = []
+    for role, seen in by_role.items():
+        if len(set(seen.values())) > 1:
+            detail = "; ".join(f"{n}: {p} on volume {s} at {t}" for n, (p, s, t) in sorted(seen.items()))
+            out.append(f"compose[{variant}]: {role} differs between services ({detail})")
+    return out
+
+
+def _listen_port_of(name: str, service: dict, resolved: dict) -> set[int]:
+    if name in resolved:
+        return set(resolved[name][1].ports.values())
+    command = " ".join(service.get("command") or [])
+    if "redis-server" in command:
+        match = re.search(r"--port\s+(\d+)", command)
+        return {int(match.group(1)) if match else REDIS_DEFAULT_PORT}
+    return set()
+
+
+def _dial_problems(services: dict, resolved: dict, variant: str) -> list[str]:
+    out = []
+    for name, (_, result) in resolved.items():
+        where = f"compose[{variant}] service {name}"
+        for role, address in result.dials.items():
+            target = services.get(address.host)
+            if target is None:
+                out.append(f"{where}: dials {role} at {address.host}:{address.port}, but there is no service {address.host}")
+                continue
+            if address.port not in _listen_port_of(address.host, target, resolved):
+                out.append(f"{where}: dials {address.host}:{address.port}, where {address.host} does not listen")
+            if not set(services[name].get("networks") or {}) & set(target.get("networks") or {}):
+                out.append(f"{where}: shares no network with {address.host}, which it dials")
+            condition = (services[name].get("depends_on") or {}).get(address.host, {}).get("condition")
+            if condition != "service_healthy" or not target.get("healthcheck"):
+                out.append(f"{where}: must wait for {address.host} (depends_on condition service_healthy and a health check)")
+        stagers = [n for n, sv in services.items() if "e3-stage-base-model" in (sv.get("command") or [])]
+        if "base_model" in result.paths and not any(_waits_for(services, name, s) for s in stagers):
+            out.append(f"{where}: reads the base model but does not start after the base-model step has finished")
+    return out
+
+
+def _waits_for(services: dict, name: str, stager: str) -> bool:
+    """Whether `name` starts only after `stager` completed, directly or through its dependencies."""
+    todo, seen = [name], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for dependency, rule in (services[current].get("depends_on") or {}).items():
+            if dependency == stager:
+                if rule.get("condition") == "service_completed_successfully":
+                    return True
+            else:
+                todo.append(dependency)
+    return False
+
+
+def _gpu_problems(services: dict, resolved: dict, variant: str) -> list[str]:
+    out = []
+    for name, (container, _) in resolved.items():
+        service = services[name]
+        devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+        has_gpu = any("gpu" in (d.get("capabilities") or []) for d in devices)
+        wants = variant == "gpu" and container.service in GPU_SERVICES
+        if has_gpu != wants:
+            out.append(f"compose[{variant}] service {name}: {'needs' if wants else 'must not reserve'} a GPU")
+        if container.service == "generation" and (service.get("container_name") or service.get("ports")):
+            out.append(f"compose[{variant}] service {name}: container_name or published ports stop --scale")
+    return out
+
+
+def _mounted_file(service: dict, inside: str) -> Path | None:
+    """The repo path bind-mounted at (or above) `inside`."""
+    mount = _mount_for(service, inside)
+    if mount is None or mount.get("type") != "bind":
+        return None
+    return Path(mount["source"]) / os.path.relpath(inside, mount["target"])
+
+
+def _prometheus_problems(services: dict, resolved: dict, variant: str) -> list[str]:
+    where = f"compose[{variant}] prometheus"
+    candidates = [s for s in services.values() if str(s.get("image", "")).startswith("prom/prometheus")]
+    if len(candidates) != 1:
+        return [f"compose[{variant}]: expected one prom/prometheus service, found {len(candidates)}"]
+    prometheus = candidates[0]
+    flags = dict(arg.split("=", 1) for arg in prometheus.get("command") or [] if "=" in arg)
+    config_path = _mounted_file(prometheus, flags.get("--config.file", "/etc/prometheus/prometheus.yml"))
+    if config_path is None or not config_path.is_file():
+        return [f"{where}: its config file is not mounted from the repository"]
+    config = yaml.safe_load(config_path.read_text())
+    out = []
+    for pattern in config.get("rule_files") or []:
+        rules_dir = _mounted_file(prometheus, str(Path(pattern).parent))
+        if rules_dir is None or rules_dir.resolve() != promql_checks.RULES_DIR.resolve():
+            out.append(f"{where}: rule_files {pattern} is not the mounted {promql_checks.RULES_DIR.relative_to(ROOT)}")
+    jobs = {job["job_name"]: job for job in config.get("scrape_configs") or []}
+    for name, (container, result) in resolved.items():
+        job = jobs.get(f"e3-{container.service}")
+        if job is None:
+            out.append(f"{where}: no scrape job e3-{container.service} for service {name}")
+            continue
+        targets = {t for c in job.get("static_configs") or [] for t in c.get("targets") or []}
+        targets |= {f"{n}:{c.get('port')}" for c in job.get("dns_sd_configs") or [] for n in c.get("names") or []}
+        if f"{name}:{result.metrics_port}" not in targets:
+            out.append(f"{where}: job e3-{container.service} scrapes {sorted(targets)}, not {name}:{result.metrics_port}")
+        if "/metrics" not in result.routes or job.get("metrics_path", "/metrics") != "/metrics":
+            out.append(f"{where}: job e3-{container.service} scrapes a path {name} does not serve")
+        if not set(prometheus.get("networks") or {}) & set(services[name].get("networks") or {}):
+            out.append(f"{where}: shares no network with {name}")
+    return out
+
+
+def _grafana_problems(services: dict, variant: str) -> list[str]:
+    where = f"compose[{variant}] grafana"
+    grafana = next((s for s in services.values() if str(s.get("image", "")).startswith("grafana/grafana")), None)
+    if grafana is None:
+        return [f"compose[{variant}]: no grafana/grafana service"]
+    out = []
+    provisioning = _mounted_file(grafana, "/etc/grafana/provisioning")
+    if provisioning is None or not provisioning.is_dir():
+        return [f"{where}: /etc/grafana/provisioning is not mounted from the repository"]
+    for path in sorted((provisioning / "datasources").glob("*.yml")):
+        for source in yaml.safe_load(path.read_text()).get("datasources") or []:
+            url = urlsplit(source.get("url", ""))
+            target = services.get(url.hostname or "")
+            if source.get("type") == "prometheus" and (
+                    target is None or not str(target.get("image", "")).startswith("prom/prometheus")
+                    or (url.port or 80) != PROMETHEUS_DEFAULT_PORT):
+                out.append(f"{where}: data source {source.get('name')} points at {source.get('url')}, not the prometheus service")
+    for path in sorted((provisioning / "dashboards").glob("*.yml")):
+        for provider in yaml.safe_load(path.read_text()).get("providers") or []:
+            mounted = _mounted_file(grafana, provider["options"]["path"])
+            if mounted is None or mounted.resolve() != promql_checks.DASHBOARDS_DIR.resolve():
+                out.append(f"{where}: provider {provider['name']} reads {provider['options']['path']}, "
+                           f"where {promql_checks.DASHBOARDS_DIR.relative_to(ROOT)} is not mounted")
+    return out
+
+
+def dockerfile_problems() -> list[str]:
+    """Every Dockerfile target's own CMD, ports and health check against the code."""
+    stages = dockerfile.parse()
+    targets = ("scheduler", "reward", "generation", "trainer", "generation-cpu")
+    out = dockerfile.policy_problems(stages, list(targets))
+    for target in targets:
+        stage = stages.get(target)
+        split = facts.split_command(stage.cmd or []) if stage else None
+        if split is None:
+            continue
+        where = f"Dockerfile target {target}"
+        container = facts.Container(where, split[0], split[1], dict(stage.env), _config_file(split[1], stage))
+        try:
+            result = facts.resolve(container)
+        except facts.DriftError as exc:
+            out.append(str(exc))
+            continue
+        out += facts.env_problems(container) + facts.serving_problems(container, result)
+        if set(stage.expose) != set(result.ports.values()):
+            out.append(f"{where}: EXPOSE {stage.expose} but the service listens on {sorted(result.ports.values())}")
+        health = _url_of(stage.healthcheck or [])
+        if health is None or health[0] not in result.ports.values() or health[1] not in result.routes:
+            out.append(f"{where}: HEALTHCHECK {stage.healthcheck} is not a route the service serves")
+    return out
+
+
+def check() -> tuple[list[str], list[str]]:
+    """(problems, notes)."""
+    problems = schema_problems() + dockerfile_problems() + image_requirements.problems()
+    problems += promql_checks.rules_problems() + promql_checks.dashboard_problems()
+    notes = [f"schema: Compose specification ({compose_schema().get('$id')}) from check-jsonschema"]
+    compose = compose_command()
+    if compose is None:
+        raise FileNotFoundError("no Docker Compose: run scripts/fetch_deploy_tools.sh or install the compose plugin")
+    notes.append(f"loader: {subprocess.run([*compose, 'version'], capture_output=True, text=True).stdout.strip()}")
+    for variant, files in VARIANTS.items():
+        try:
+            problems += drift_problems(resolved_model(files, compose), variant)
+        except facts.DriftError as exc:
+            problems.append(str(exc))
+    return problems, notes
+
+
+def main() -> int:
+    try:
+        problems, notes = check()
+    except FileNotFoundError as exc:
+        print(f"compose-check: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"compose-check: {note}")
+    for problem in problems:
+        print(f"compose-check: {problem}", file=sys.stderr)
+    print(f"compose-check: {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'ok'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""`make k8s-check`: every kustomize overlay, rendered and checked offline.
+
+    python scripts/k8s_check.py                 check (exit 1 on problems, 2 if a tool is missing)
+    python scripts/k8s_check.py --write-rules   regenerate the PrometheusRule from deploy/prometheus/rules
+
+1. Each overlay is rendered with kustomize (`kubectl kustomize`, or a
+   standalone `kustomize build`) from a scratch copy of deploy/ holding
+   stand-in secrets (the real secrets.env is the operator's).
+2. Every built-in object is validated against the Kubernetes schemas of
+   K8S_VERSION (the kubernetes-validate package, strict: unknown fields fail).
+   The prometheus-operator kinds (ServiceMonitor, PrometheusRule) have no
+   schema there and get the semantic checks below instead.
+3. The rendered objects are compared with the code (scripts/deploy_facts.py):
+   commands through each service's argparse, environment through e3.config,
+   container ports, probes, Services, ServiceMonitors, shared volumes, the
+   dialled addresses, GPUs, the autoscaler's metric, and the
+   NetworkPolicies (scripts/k8s_netpol.py): each needed connection allowed,
+   nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+import deploy_facts as facts
+import metric_facts
+import promql_checks
+from k8s_netpol import Policies, Pod, selects
+from k8s_render import Rendered, _container_port, _id, _mount_for, _volume_identity, render
+from k8s_render import kustomize_command  # noqa: F401  (tests ask the checker for it)
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_DIR = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.33"
+OVERLAYS = ("gpu", "cpu")
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+PROMETHEUS_RULE = K8S_DIR / "base" / "monitoring" / "prometheusrule.yaml"
+ADAPTER_VALUES = K8S_DIR / "addons" / "prometheus-adapter-values.yaml"
+# Where Prometheus runs, as the NetworkPolicies expect it (prometheus-operator's defaults).
+PROMETHEUS_POD = Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"},
+                     {"kubernetes.io/metadata.name": "monitoring"})
+KUBE_DNS_POD = Pod("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, {"kubernetes.io/metadata.name": "kube-system"},
+                   {"dns": 53})
+OUTSIDER_POD = Pod("some-other-pod", "default", {"app": "other"}, {"kubernetes.io/metadata.name": "default"})
+GPU_SERVICES = ("generation", "trainer")
+
+
+def prometheus_rule_text() -> str:
+    groups = [group for path in promql_checks.rule_files() for group in promql_checks.load_rules(path)]
+    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": {"name": "e3", "labels": {"app.kubernetes.io/name": "e3"}}, "spec": {"groups": groups}}
+    return ("# Generated from deploy/prometheus/rules/*.yml by scripts/k8s_check.py --write-rules; do not edit.\n"
+            + yaml.safe_dump(rule, sort_keys=False, width=120))
+
+
+def schema_problems(docs: list[dict], overlay: str) -> list[str]:
+    out = []
+    for doc in docs:
+        if (doc.get("apiVersion"), doc.get("kind")) in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            out.append(f"overlay {overlay}: {_id(doc)}: {path}: {exc.message} (Kubernetes {K8S_VERSION} schema)")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            out.append(f"overlay {overlay}: {_id(doc)}: {exc.message}")
+    return out
+
+
+# ---------------------------------------------------------------- drift checks
+
+def drift_problems(docs: list[dict], overlay: str) -> list[str]:
+    r = Rendered(docs, overlay)
+    out = list(r.problems)
+    for name, (workload, container, c, res) in r.e3.items():
+        out += facts.env_problems(c) + facts.serving_problems(c, res)
+        if not c.env.get("E3_API_TOKEN"):
+            out.append(f"{c.where}: E3_API_TOKEN is not set from the e3 secret")
+        out += _container_problems(r, workload, container, c, res)
+    out += _shared_path_problems(r) + _dial_problems(r) + _service_problems(r) + _monitor_problems(r)
+    out += _autoscaler_problems(r) + _security_problems(r) + _storage_problems(r) + _netpol_problems(r)
+    out += _dashboard_and_rule_problems(r)
+    return out
+
+
+def _container_problems(r: Rendered, workload: dict, container: dict, c, res) -> list[str]:
+    out, where = [], c.where
+    declared = {p["containerPort"] for p in container.get("ports") or []}
+    listening = set(res.ports.values())
+    if not listening <= declared:
+        out.append(f"{where}: listens on {sorted(listening)} but declares container ports {sorted(declared)}")
+    facts_of = facts.SERVICES[c.service]
+    for kind, want in (("readinessProbe", facts_of.ready_path), ("livenessProbe", facts_of.live_path)):
+        probe = container.get(kind)
+        if probe is None:
+            if kind == "livenessProbe" or workload["kind"] != "Job":
+                out.append(f"{where}: no {kind}")
+            continue
+        http = probe.get("httpGet") or {}
+        port = _container_port(container, http.get("port"))
+        if port not in listening or http.get("path") != want:
+            out.append(f"{where}: {kind} GET {http.get('path')} on {http.get('port')}; the service answers that on {want}")
+    for probe_kind in ("startupProbe",):
+        http = (container.get(probe_kind) or {}).get("httpGet")
+        if http and (_container_port(container, http.get("port")) not in listening or http.get("path") not in res.routes):
+            out.append(f"{where}: {probe_kind} asks {http} which the service does not serve")
+    for role, (path, mode) in res.paths.items():
+        mount = _mount_for(container, path)
+        if mount is None:
+            out.append(f"{where}: {role} {path} is on no volume")
+        elif mode == "rw" and mount.get("readOnly"):
+            out.append(f"{where}: writes {role} {path} but {mount['mountPath']} is read-only")
+    gpus = ((container.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu")
+    wants = overlay_wants_gpu(r.overlay) and c.service in GPU_SERVICES
+    if bool(gpus) != wants:
+        out.append(f"{where}: {'needs a GPU limit' if wants else 'must not request a GPU'} (nvidia.com/gpu)")
+    base_model = res.paths.get("base_model", (None,))[0]
+    for init in Rendered.pod_spec(workload).get("initContainers") or []:
+        match = re.search(r"\[ -f (\S+) \]", " ".join(init.get("command") or []))
+        if match and base_model and match.group(1) != f"{base_model}/config.json":
+            out.append(f"{where}: init container {init['name']} waits for {match.group(1)}, "
+                       f"but the service reads {base_model}/config.json")
+        if match and base_model:
+            init_mount, main_mount = _mount_for(init, base_model), _mount_for(container, base_model)
+            if not init_mount or not main_mount or _volume_identity(workload, init_mount) != _volume_identity(workload, main_mount):
+                out.append(f"{where}: init container {init['name']} does not look at the base model's volume")
+    return out
+
+
+def overlay_wants_gpu(overlay: str) -> bool:
+    return overlay != "cpu"
+
+
+def _shared_path_problems(r: Rendered) -> list[str]:
+    by_role: dict[str, dict[str, tuple]] = {}
+    for name, (workload, container, _, res) in r.e3.items():
+        for role, (path, _) in res.paths.items():
+            mount = _mount_for(container, path)
+            by_role.setdefault(role, {})[name] = (path, *(_volume_identity(workload, mount) if mount else ()))
+    stager = r.kind("Job").get("e3-base-model")
+    if stager:
+        container = r.pod_spec(stager)["containers"][0]
+        paths = {res.paths["base_model"][0] for *_, res in r.e3.values() if "base_model" in res.paths}
+        for path in paths:
+            mount = _mount_for(container, path)
+            by_role.setdefault("base_model", {})["e3-base-model"] = (path, *(_volume_identity(stager, mount) if mount else ()))
+    out = []
+    for role, seen in by_role.items():
+        if len(set(seen.values())) > 1:
+            detail = "; ".join(f"{n}: {v}" for n, v in sorted(seen.items()))
+            out.append(f"overlay {r.overlay}: {role} is not the same path on the same volume everywhere ({detail})")
+    return out
+
+
+def _dial_problems(r: Rendered) -> list[str]:
+    out = []
+    for name, (workload, container, c, res) in r.e3.items():
+        for role, address in res.dials.items():
+            service = r.service_for_host(address.host)
+            if service is None:
+                out.append(f"{c.where}: dials {role} at {address.host}, which is no Service")
+                continue
+            port = next((p for p in service["spec"]["ports"] if p["port"] == address.port), None)
+            if port is None:
+                out.append(f"{c.where}: dials {address.host}:{address.port}; Service {address.host} has no such port")
+                continue
+            for target in r.service_pods(service):
+                listening = _listening(r, target, port.get("targetPort", port["port"]))
+                if not listening:
+                    out.append(f"{c.where}: Service {address.host}:{address.port} leads to {_id(target)}, "
+                               f"where nothing listens on {port.get('targetPort')}")
+    return out
+
+
+def _listening(r: Rendered, workload: dict, target_port) -> bool:
+    """Whether the workload's pods listen on a Service's targetPort."""
+    name = workload["metadata"]["name"]
+    for container in r.pod_spec(workload)["containers"]:
+        number = _container_port(container, target_port)
+        if number is None:
+            continue
+        if name in r.e3 and r.e3[name][1] is container:
+            return number in r.e3[name][3].ports.values()
+        if "redis-server" in " ".join(container.get("command") or []):
+            match = re.search(r"--port\s+(\d+)", " ".join(container["command"]))
+            return number == (int(match.group(1)) if match else 6379)
+        return True  # a container e3 knows nothing about: trust its declared port
+    return False
+
+
+def _service_problems(r: Rendered) -> list[str]:
+    out = []
+    for service in r.kind("Service").values():
+        targets = r.service_pods(service)
+        if not targets:
+            out.append(f"overlay {r.overlay}: {_id(service)} selects no pods")
+        for port in service["spec"]["ports"]:
+            for target in targets:
+                if not any(_container_port(c, port.get("targetPort", port["port"])) for c in r.pod_spec(target)["containers"]):
+                    out.append(f"overlay {r.overlay}: {_id(service)} port {port.get('name')} targets nothing in {_id(target)}")
+    return out
+
+
+def _monitor_problems(r: Rendered) -> list[str]:
+    out, covered = [], set()
+    for monitor in r.kind("ServiceMonitor").values():
+        where = f"overlay {r.overlay}: {_id(monitor)}"
+        services = [s for s in r.kind("Service").values() if selects(monitor["spec"]["selector"], s["metadata"].get("labels") or {})]
+        if len(services) != 1:
+            out.append(f"{where}: selects {len(services)} Services, expected 1")
+            continue
+        service = services[0]
+        for endpoint in monitor["spec"]["endpoints"]:
+            port = next((p for p in service["spec"]["ports"] if p.get("name") == endpoint.get("port")), None)
+            if port is None:
+                out.append(f"{where}: endpoint port {endpoint.get('port')!r} is not a named port of {_id(service)}")
+                continue
+            for target in r.service_pods(service):
+                name = target["metadata"]["name"]
+                if name not in r.e3:
+                    out.append(f"{where}: scrapes {_id(target)}, which is not an e3 service")
+                    continue
+                _, container, c, res = r.e3[name]
+                if _container_port(container, port.get("targetPort")) != res.metrics_port or \
+                        endpoint.get("path", "/metrics") not in res.routes:
+                    out.append(f"{where}: scrapes {endpoint.get('path')} on {port.get('targetPort')}, not {c.service}'s metrics")
+                if service["metadata"]["name"] != f"e3-{c.service}":
+                    out.append(f"{where}: the job label will be {service['metadata']['name']}, dashboards expect e3-{c.service}")
+                covered.add(name)
+    for name in sorted(set(r.e3) - covered):
+        out.append(f"overlay {r.overlay}: no ServiceMonitor scrapes {name}")
+    return out
+
+
+def _autoscaler_problems(r: Rendered) -> list[str]:
+    out = []
+    exported = metric_facts.exported()
+    adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
+    served = {rule["name"]["as"]: rule for rule in adapter["rules"]["external"]}
+    for hpa in r.kind("HorizontalPodAutoscaler").values():
+        where = f"overlay {r.overlay}: {_id(hpa)}"
+        ref = hpa["spec"]["scaleTargetRef"]
+        if ref["name"] not in r.kind(ref["kind"]):
+            out.append(f"{where}: scales {ref['kind']}/{ref['name']}, which does not exist")
+        for metric in hpa["spec"].get("metrics") or []:
+            name = (metric.get("external") or {}).get("metric", {}).get("name")
+            if metric["type"] != "External" or name not in exported or exported[name].type != "gauge":
+                out.append(f"{where}: scales on {name!r}, which is not a gauge e3 exports")
+            elif name not in served:
+                out.append(f"{where}: Prometheus Adapter ({ADAPTER_VALUES.name}) does not serve {name}")
+            else:
+                rule = served[name]
+                query = rule["metricsQuery"].replace("<<.Series>>", name).replace("{<<.LabelMatchers>>}", '{namespace="e3"}')
+                for where_q, expr in (("seriesQuery", rule["seriesQuery"]), ("metricsQuery", query)):
+                    out += promql_checks.reference_problems(expr, metric_facts.series(), f"{ADAPTER_VALUES.name} {where_q}")
+    for budget in r.kind("PodDisruptionBudget").values():
+        if not r.pods_selected(budget["spec"]["selector"]):
+            out.append(f"overlay {r.overlay}: {_id(budget)} selects no pods")
+    generation = [n for n, (*_, c, _) in r.e3.items() if c.service == "generation"]
+    for name in generation:
+        if not any(h["spec"]["scaleTargetRef"]["name"] == name for h in r.kind("HorizontalPodAutoscaler").values()):
+            out.append(f"overlay {r.overlay}: no autoscaler for {name}")
+        if not any(r.pods_selected(b["spec"]["selector"]) and name in [w["metadata"]["name"] for w in r.pods_selected(b["spec"]["selector"])]
+                   for b in r.kind("PodDisruptionBudget").values()):
+            out.append(f"overlay {r.overlay}: no PodDisruptionBudget covers {name}")
+    return out
+
+
+def _security_problems(r: Rendered) -> list[str]:
+    """The 'restricted' Pod Security Standard the namespace enforces, plus e3's own rules."""
+    out = []
+    for workload in r.workloads:
+        spec = r.pod_spec(workload)
+        pod_context = spec.get("securityContext") or {}
+        where = r.where(workload)
+        if spec.get("automountServiceAccountToken") is not False:
+            out.append(f"{where}: set automountServiceAccountToken: false (no e3 pod talks to the API server)")
+        if (pod_context.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            out.append(f"{where}: seccompProfile must be RuntimeDefault")
+        for container in (spec.get("initContainers") or []) + spec["containers"]:
+            context = container.get("securityContext") or {}
+            cw = r.where(workload, container)
+            if not (context.get("runAsNonRoot") or pod_context.get("runAsNonRoot")):
+                out.append(f"{cw}: runAsNonRoot is not set")
+            if context.get("allowPrivilegeEscalation") is not False:
+                out.append(f"{cw}: allowPrivilegeEscalation must be false")
+            if (context.get("capabilities") or {}).get("drop") != ["ALL"]:
+                out.append(f"{cw}: capabilities must drop ALL")
+            tag = container["image"].rsplit(":", 1)[-1] if ":" in container["image"].rsplit("/", 1)[-1] else ""
+            if not tag or tag == "latest":
+                out.append(f"{cw}: image {container['image']} is not pinned to a version")
+    return out
+
+
+def _storage_problems(r: Rendered) -> list[str]:
+    out = []
+    claims = {(_volume_identity(w, m)[0]) for w, c, *_ in r.e3.values() for m in c.get("volumeMounts") or []}
+    for claim in sorted(c for c in claims if c):
+        pvc = r.kind("PersistentVolumeClaim").get(claim)
+        if pvc is None:
+            out.append(f"overlay {r.overlay}: PersistentVolumeClaim {claim} is used but not defined")
+        elif "ReadWriteMany" not in pvc["spec"]["accessModes"]:
+            out.append(f"overlay {r.overlay}: {_id(pvc)} is shared by pods on many nodes and must be ReadWriteMany")
+    for redis in r.kind("StatefulSet").values():
+        if "redis-server" in json.dumps(redis):
+            command = " ".join(redis["spec"]["template"]["spec"]["containers"][0].get("command") or [])
+            if "--appendonly yes" not in command or not redis["spec"].get("volumeClaimTemplates"):
+                out.append(f"overlay {r.overlay}: {_id(redis)} must persist (append-only file on a volume claim)")
+    return out
+
+
+def _pods(r: Rendered) -> dict[str, Pod]:
+    namespaces = {n: (d["metadata"].get("labels") or {}) for n, d in r.kind("Namespace").items()}
+    out = {}
+    for workload in r.workloads:
+        namespace = workload["metadata"].get("namespace", "default")
+        labels = {**namespaces.get(namespace, {}), "kubernetes.io/metadata.name": namespace}
+        ports = {p["name"]: p["containerPort"] for c in r.pod_spec(workload)["containers"] for p in c.get("ports") or [] if "name" in p}
+        out[workload["metadata"]["name"]] = Pod(workload["metadata"]["name"], namespace, r.pod_labels(workload), labels, ports)
+    return out
+
+
+def _netpol_problems(r: Rendered) -> list[str]:
+    policies = Policies(list(r.kind("NetworkPolicy").values()))
+    pods = _pods(r)
+    needed: set[tuple[str, str, int]] = set()
+    for name, (workload, container, c, res) in r.e3.items():
+        for address in res.dials.values():
+            service = r.service_for_host(address.host)
+            port = next((p for p in (service or {}).get("spec", {}).get("ports", []) if p["port"] == address.port), None)
+            for target in r.service_pods(service) if service and port else []:
+                number = next(filter(None, (_container_port(x, port.get("targetPort", port["port"]))
+                                            for x in r.pod_spec(target)["containers"])), None)
+                if number is not None:  # a missing port is reported by _dial_problems
+                    needed.add((name, target["metadata"]["name"], number))
+        needed.add(("prometheus", name, res.metrics_port))
+        if c.service == "trainer":  # torchrun and NCCL between the trainer's own pods
+            needed |= {(name, name, p) for p in pods[name].ports.values()}
+    everyone = {**pods, "prometheus": PROMETHEUS_POD, "some-other-pod": OUTSIDER_POD}
+    out = [f"overlay {r.overlay}: {p}" for p in policies.open_rules()]
+    for source, destination, port in sorted(needed):
+        if not policies.allows(everyone[source], pods[destination], port):
+            out.append(f"overlay {r.overlay}: NetworkPolicies block {source} -> {destination}:{port}, which it needs")
+    for name, pod in pods.items():
+        for protocol in ("UDP", "TCP"):
+            if not policies.allows(pod, KUBE_DNS_POD, 53, protocol):
+                out.append(f"overlay {r.overlay}: NetworkPolicies block DNS ({protocol}) for {name}")
+    for source_name, source in everyone.items():
+        for destination_name, destination in pods.items():
+            for port in sorted(set(destination.ports.values())):
+                if (source_name, destination_name, port) not in needed and policies.allows(source, destination, port):
+                    out.append(f"overlay {r.overlay}: NetworkPolicies allow {source_name} -> {destination_name}:{port}, "
+                               "which nothing needs")
+    return out
+
+
+def _dashboard_and_rule_problems(r: Rendered) -> list[str]:
+    out = []
+    rules = [d for d in r.kind("PrometheusRule").values()]
+    if len(rules) != 1 or yaml.safe_dump(rules[0]["spec"], sort_keys=True) != yaml.safe_dump(
+            yaml.safe_load(prometheus_rule_text())["spec"], sort_keys=True):
+        out.append(f"overlay {r.overlay}: the PrometheusRule differs from deploy/prometheus/rules "
+                   "(run python scripts/k8s_check.py --write-rules)")
+    shipped = {k: v for m in r.kind("ConfigMap").values()
+               if (m["metadata"].get("labels") or {}).get("grafana_dashboard") == "1" for k, v in (m.get("data") or {}).items()}
+    for path in promql_checks.dashboard_files():
+        if shipped.get(path.name) != path.read_text():
+            out.append(f"overlay {r.overlay}: dashboard {path.name} is not shipped as a grafana_dashboard ConfigMap")
+    return out
+
+
+def check() -> tuple[list[str], list[str]]:
+    problems: list[str] = []
+    if not PROMETHEUS_RULE.is_file() or PROMETHEUS_RULE.read_text() != prometheus_rule_text():
+        problems.append(f"{PROMETHEUS_RULE.relative_to(ROOT)} is stale; run python scripts/k8s_check.py --write-rules")
+    notes = [f"schemas: Kubernetes {K8S_VERSION} (kubernetes-validate {kubernetes_validate.__version__}, strict)"]
+    for overlay in OVERLAYS:
+        try:
+            docs = render(overlay)
+        except facts.DriftError as exc:
+            problems.append(str(exc))
+            continue
+        notes.append(f"overlay {overlay}: {len(docs)} objects")
+        problems += schema_problems(docs, overlay) + drift_problems(docs, overlay)
+    return problems, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-rules", action="store_true", help="regenerate the PrometheusRule, then check")
+    args = parser.parse_args(argv)
+    if args.write_rules:
+        PROMETHEUS_RULE.write_text(prometheus_rule_text())
+        print(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)}")
+    try:
+        problems, notes = check()
+    except FileNotFoundError as exc:
+        print(f"k8s-check: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"k8s-check: {note}")
+    for problem in problems:
+        print(f"k8s-check: {problem}", file=sys.stderr)
+    print(f"k8s-check: {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'ok'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

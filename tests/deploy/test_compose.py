@@ -1,0 +1,114 @@
+"""docker-compose.yml, its CPU override and the Dockerfile against the Compose specification and the code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import yaml
+
+import compose_check
+import deploy_facts
+import dockerfile
+import image_requirements
+
+
+def problems(model, variant="gpu"):
+    return compose_check.drift_problems(model, variant)
+
+
+def test_compose_files_are_valid_against_the_compose_specification_schema():
+    assert compose_check.compose_schema()["$id"] == "compose_spec.json"
+    assert compose_check.schema_problems() == []
+
+
+def test_schema_check_rejects_a_file_the_specification_forbids(tmp_path):
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(yaml.safe_dump({"services": {"x": {"image": "redis", "healthcheck": {"test": 5}, "restrat": "no"}}}))
+    found = compose_check.schema_problems([bad])
+    assert any("services.x" in p and "restrat" in p for p in found), found
+    assert any("healthcheck" in p for p in found), found
+
+
+def test_gpu_and_cpu_stacks_load_with_docker_compose_and_match_the_code(compose_models):
+    for variant, model in compose_models.items():
+        assert problems(model, variant) == [], variant
+
+
+def test_cpu_override_runs_the_same_services_without_gpus(compose_models):
+    gpu, cpu = compose_models["gpu"]["services"], compose_models["cpu"]["services"]
+    assert set(gpu) == set(cpu)
+    assert cpu["generation"]["build"]["target"] == "generation-cpu"
+    assert not cpu["generation"].get("deploy") and gpu["generation"]["deploy"]["resources"]["reservations"]["devices"]
+
+
+def test_redis_persists_to_an_append_only_file_on_a_volume(compose_models):
+    redis = compose_models["gpu"]["services"]["redis"]
+    assert "--appendonly yes" in " ".join(redis["command"])
+    assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda s: s["scheduler"]["environment"].update(E3_SCHEDULER__HTTP_PORT="9000"), "expose [8100, 8101] but the service listens on [8101, 9000]"),
+    (lambda s: s["reward"]["environment"].update(E3_REWARD__TIMEOUT_S="5"), "it does not load the e3 config"),
+    (lambda s: s["trainer"]["environment"].update(E3_TRAINER__NOPE="1"), "trainer.nope"),
+    (lambda s: s["trainer"]["environment"].update(E3_TRAINER_DEVICE="cuda"), "E3_TRAINER_DEVICE has no effect"),
+    (lambda s: s["generation"]["command"].__setitem__(2, s["generation"]["command"][2] + " --bogus"), "unrecognized arguments: --bogus"),
+    (lambda s: s["generation"]["command"].__setitem__(2, s["generation"]["command"][2].replace("reward:8200", "reward:8201")), "dials reward:8201"),
+    (lambda s: s["generation"]["depends_on"].pop("reward"), "must wait for reward"),
+    (lambda s: s["generation"].update(container_name="gen"), "stop --scale"),
+    (lambda s: s["generation"].pop("deploy"), "needs a GPU"),
+    (lambda s: s["trainer"]["environment"].pop("E3_API_TOKEN"), "E3_API_TOKEN is not set"),
+    (lambda s: s["trainer"]["volumes"][1].update(read_only=True), "writes run_dir"),
+    (lambda s: s["generation"]["volumes"][1].update(source="other-volume"), "run_dir differs between services"),
+    (lambda s: s["reward"]["healthcheck"].update(test=["CMD", "e3-healthcheck", "http://127.0.0.1:8200/ready"]), "health check"),
+    (lambda s: s["scheduler"]["depends_on"].pop("base-model"), "does not start after the base-model step"),
+    (lambda s: s["scheduler"]["environment"].update(E3_SCHEDULER__HOST="127.0.0.1"), "unreachable from other containers"),
+])
+def test_drift_between_compose_and_code_is_reported(gpu_model, mutate, expected):
+    mutate(gpu_model["services"])
+    found = problems(gpu_model)
+    assert any(expected in p for p in found), found
+
+
+def test_a_prometheus_job_on_the_wrong_port_is_reported(gpu_model, tmp_path):
+    prometheus = gpu_model["services"]["prometheus"]
+    mount = next(v for v in prometheus["volumes"] if v["target"] == "/etc/prometheus/prometheus.yml")
+    copy = tmp_path / "prometheus.yml"
+    copy.write_text(open(mount["source"]).read().replace("reward:8200", "reward:9200"))
+    mount["source"] = str(copy)
+    assert any("e3-reward scrapes ['reward:9200']" in p for p in problems(gpu_model))
+
+
+def test_dockerfile_targets_match_the_code_and_the_image_rules():
+    assert compose_check.dockerfile_problems() == []
+
+
+def test_image_rules_reject_root_unpinned_and_unchecked_images(tmp_path):
+    path = tmp_path / "Dockerfile"
+    path.write_text("FROM python:latest AS app\nCMD [\"python3\", \"-m\", \"services.reward\"]\n")
+    found = dockerfile.policy_problems(dockerfile.parse(path), ["app"])
+    assert any("not pinned" in p for p in found) and any("root" in p for p in found) and any("HEALTHCHECK" in p for p in found)
+
+
+def test_image_requirement_files_pin_what_the_code_imports():
+    assert image_requirements.problems() == []
+    control = (image_requirements.OUT_DIR / "control.txt").read_text()
+    # The scheduler and reward images carry neither torch nor vLLM.
+    assert "torch" not in control and "vllm" not in control and "math-verify==" in control
+
+
+def test_commands_are_recognised_through_sh_and_torchrun():
+    split = deploy_facts.split_command
+    assert split(["sh", "-c", "exec python3 -m services.generation --host 0.0.0.0"]) == ("generation", ["--host", "0.0.0.0"])
+    assert split(["torchrun", "--nnodes=1", "-m", "services.trainer", "--scheduler", "s:1"]) == ("trainer", ["--scheduler", "s:1"])
+    assert split(["redis-server", "--appendonly", "yes"]) is None
+
+
+def test_compose_refuses_to_start_without_the_secrets(compose_models):
+    # Without the checker's stand-ins the ${VAR:?message} guards must stop compose.
+    done = subprocess.run([*compose_check.compose_command(), "--project-directory", str(compose_check.ROOT),
+                           "-f", str(compose_check.ROOT / "docker-compose.yml"), "--env-file", os.devnull, "config", "-q"],
+                          capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+    assert done.returncode != 0 and "required variable" in done.stderr and "compose.env.example" in done.stderr

@@ -1,0 +1,93 @@
+"""The small programs baked into the images: GPU claiming, the health check, base-model staging."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "deploy" / "docker"
+
+
+@pytest.fixture
+def fake_gpus(tmp_path):
+    """A PATH whose nvidia-smi reports two GPUs, and an empty lock directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Fake (UUID: GPU-0)'\necho 'GPU 1: Fake (UUID: GPU-1)'\n")
+    smi.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "E3_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    return env
+
+
+def test_each_gpu_container_claims_a_different_gpu_and_the_extra_one_fails(fake_gpus):
+    claim = [str(DOCKER / "gpu-claim.sh"), "sh", "-c", 'echo "gpu=$CUDA_VISIBLE_DEVICES"; sleep 3']
+    first = subprocess.Popen(claim, env=fake_gpus, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = subprocess.Popen(claim, env=fake_gpus, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    third = subprocess.run(claim, env=fake_gpus, capture_output=True, text=True, timeout=10)
+    outputs = {first.communicate(timeout=10)[0].strip(), second.communicate(timeout=10)[0].strip()}
+    assert outputs == {"gpu=0", "gpu=1"}
+    assert third.returncode == 1 and "all 2 GPUs are taken" in third.stderr
+    # Locks die with their holders: a new container gets a GPU again.
+    again = subprocess.run(claim[:3] + ['echo "gpu=$CUDA_VISIBLE_DEVICES"'], env=fake_gpus, capture_output=True, text=True)
+    assert again.stdout.strip() == "gpu=0"
+
+
+def test_gpu_claim_only_execs_without_a_lock_directory():
+    done = subprocess.run([str(DOCKER / "gpu-claim.sh"), "echo", "plain"], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"]})
+    assert done.returncode == 0 and done.stdout.strip() == "plain"
+
+
+@pytest.fixture
+def http_server():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/readyz" else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_health_check_passes_on_2xx_and_fails_on_503_or_no_server(http_server):
+    check = [sys.executable, str(DOCKER / "healthcheck.py")]
+    assert subprocess.run([*check, f"{http_server}/readyz"]).returncode == 0
+    assert subprocess.run([*check, f"{http_server}/starting"], capture_output=True).returncode == 1
+    assert subprocess.run([*check, "http://127.0.0.1:9/readyz", "0.5"], capture_output=True).returncode == 1
+
+
+def _stage(tmp_path, **config):
+    path = tmp_path / "e3.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, str(DOCKER / "stage_base_model.py"), "--config", str(path)],
+                          capture_output=True, text=True, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)})
+
+
+def test_staging_leaves_a_model_in_place_alone(tmp_path):
+    model = tmp_path / "base-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    done = _stage(tmp_path, base_model=str(model))
+    assert done.returncode == 0 and "in place" in done.stdout
+
+
+def test_staging_refuses_to_invent_a_model_for_the_math_task(tmp_path):
+    done = _stage(tmp_path, base_model=str(tmp_path / "missing"), data={"task": "math"})
+    assert done.returncode == 2 and "copy the base model" in done.stderr
