@@ -1,3 +1,6 @@
 from e3.cli import main
 
-raise SystemExit(main())
+# Guarded: vLLM's engine core may start by re-importing the main module
+# (`e3 eval` builds an engine in this process).
+if __name__ == "__main__":
+    raise SystemExit(main())

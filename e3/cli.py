@@ -1,7 +1,8 @@
-"""The `e3` command line: `run` trains, `inspect` shows the base policy and an allocation.
+"""The `e3` command line: `run` trains, `inspect` shows the base policy and an allocation, `eval` measures pass@k.
 
     python -m e3 run [--config FILE] [--preset NAME] [--steps N] [--replicas N] [--run-dir DIR]
     python -m e3 inspect [--batch 20] [--samples 8]
+    python -m e3 eval --model DIR --dataset arithmetic-valid|PATH [--samples 16] [--k 1,2,4,8,16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _inspect(args) -> int:
     from e3.tasks import arithmetic
 
     model_dir = ensure_base_model(Path(args.artifacts))
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batch = arithmetic.make_questions("valid", args.batch, seed=args.seed)
     completions = complete(model, tokenizer, [q.prompt for q in batch], samples=args.samples, temperature=1.0, seed=args.seed)
@@ -84,6 +85,34 @@ def _inspect(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    """pass@k of one model directory; the work is in services.bench.evaluate."""
+    import json
+
+    from e3.bench.passk import parse_ks
+    from services.bench.evaluate import EvalSettings, default_max_tokens, evaluate_models, load_dataset, print_report
+
+    try:
+        ks = parse_ks(args.k)
+        settings = EvalSettings(samples=args.samples, ks=tuple(ks), temperature=args.temperature,
+                                max_tokens=args.max_tokens or default_max_tokens(args.dataset), seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: not a model directory (no config.json)")
+    try:
+        questions = load_dataset(args.dataset, args.valid_size, args.data_seed)
+    except (OSError, ValueError) as exc:  # a missing file, or a DatasetError naming the bad row
+        raise ConfigError(str(exc)) from exc
+    (report,) = evaluate_models([args.model], questions, settings, dataset=args.dataset)
+    print_report(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written: {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="e3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,9 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--samples", type=int, default=8)
     inspect.add_argument("--seed", type=int, default=0)
     inspect.add_argument("--artifacts", default="artifacts")
+    ev = sub.add_parser("eval", help="pass@k of a model directory on a dataset (generation engine + verifiers)")
+    ev.add_argument("--model", required=True, help="model directory (config.json + *.safetensors)")
+    ev.add_argument("--dataset", default="arithmetic-valid", help="arithmetic-valid, or a .jsonl/.parquet math file")
+    ev.add_argument("--samples", type=int, default=16, help="completions per question (n)")
+    ev.add_argument("--k", default="1,2,4,8,16", help="comma-separated k values, each <= --samples")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--max-tokens", type=int, help="default: 16 for arithmetic, 1024 for a file")
+    ev.add_argument("--valid-size", type=int, default=250, help="arithmetic-valid: questions (the training default)")
+    ev.add_argument("--data-seed", type=int, default=0, help="arithmetic-valid: data.seed of the run")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed of the engine")
+    ev.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "inspect": _inspect}[args.command](args)
+        return {"run": _run, "inspect": _inspect, "eval": _eval}[args.command](args)
     except ConfigError as exc:
         print(f"e3: {exc}", file=sys.stderr)
         return 2

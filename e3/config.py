@@ -3,8 +3,9 @@
 Precedence, lowest first: the preset (`cpu` by default), a YAML file, then
 environment variables. An environment variable `E3_<SECTION>__<FIELD>`
 overrides one field (`E3_TRAINING__STEPS=20`); a few common ones have short
-names (`E3_STORE_URL`, `E3_API_TOKEN`, `E3_RUN_DIR`). Every flag is read
-here and nowhere else.
+names (`E3_STORE_URL`, `E3_STORE_PASSWORD`, `E3_API_TOKEN`, `E3_RUN_DIR`).
+Every flag is read here and nowhere else. The `fault` section injects faults
+for the fault tests (E3_FAULT__NAN_STEPS="2,3") and is never set in real runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -87,9 +88,28 @@ class SchedulerConfig(_Section):
     host: str = "127.0.0.1"
     http_port: int = Field(8100, ge=0, le=65535)
     grpc_port: int = Field(8101, ge=0, le=65535)
-    store_url: str = "memory://"
+    store_url: str = Field("memory://", description="memory://[snapshot path] or redis[s]://[:password@]host:port/db")
+    store_password: str | None = Field(None, repr=False, description="Redis password, instead of putting it in the URL")
+    store_tls_ca_file: str | None = Field(None, description="rediss://: CA bundle that signed the server's certificate")
+    store_tls_cert_file: str | None = Field(None, description="rediss://: client certificate, for mutual TLS")
+    store_tls_key_file: str | None = Field(None, description="rediss://: the client certificate's key")
     lease_s: float = Field(60.0, gt=0)
     run_id: str = "e3"
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> "SchedulerConfig":
+        tls = [n for n in ("store_tls_ca_file", "store_tls_cert_file", "store_tls_key_file") if getattr(self, n)]
+        if tls and not self.store_url.startswith("rediss://"):
+            raise ValueError(f"{', '.join(tls)} apply to rediss:// store URLs only, not to {self.store_url.split('@')[-1]!r}")
+        if self.store_password and not self.store_url.startswith(("redis://", "rediss://")):
+            raise ValueError("store_password applies to redis:// and rediss:// store URLs only")
+        return self
+
+    def store_options(self) -> dict[str, Any]:
+        """Keyword options for e3.store.open_store (redis.from_url) from the settings above."""
+        names = {"store_password": "password", "store_tls_ca_file": "ssl_ca_certs",
+                 "store_tls_cert_file": "ssl_certfile", "store_tls_key_file": "ssl_keyfile"}
+        return {option: getattr(self, field) for field, option in names.items() if getattr(self, field)}
 
 
 class GenerationConfig(_Section):
@@ -112,12 +132,29 @@ class TrainerConfig(_Section):
     threads: int = Field(2, ge=1)
 
 
+class FaultConfig(_Section):
+    """Fault injection for the fault tests (tests/faults). Test-only: never set in a real run."""
+
+    nan_steps: list[int] = Field(default_factory=list, description="steps whose loss the trainer makes NaN")
+
+    @field_validator("nan_steps", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # E3_FAULT__NAN_STEPS="2,3" reads as the text "2,3"; a single "2" as the number 2.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+
 class E3Config(_Section):
     preset: str = "cpu"
     run_dir: str = "runs/latest"
     artifacts_dir: str = "artifacts"
     base_model: str | None = Field(None, description="model directory; None builds the arithmetic base model")
-    api_token: str | None = Field(None, description="bearer token for mutating HTTP calls and all gRPC calls")
+    api_token: str | None = Field(None, repr=False, description="bearer token for mutating HTTP calls and all gRPC calls")
+    api_read_open: bool = Field(True, description="with a token set: False makes HTTP reads (/v1/...) need it too")
     validation_every: int = Field(4, ge=1)
     data: DataConfig = DataConfig()
     allocation: AllocationConfig = AllocationConfig()
@@ -127,6 +164,7 @@ class E3Config(_Section):
     generation: GenerationConfig = GenerationConfig()
     reward: RewardConfig = RewardConfig()
     trainer: TrainerConfig = TrainerConfig()
+    fault: FaultConfig = FaultConfig()
 
 
 # The paper's runs (E3.md sections 1-4) and the CPU-sized default.
@@ -145,6 +183,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 SHORT_ENV = {
     "E3_STORE_URL": ("scheduler", "store_url"),
+    "E3_STORE_PASSWORD": ("scheduler", "store_password"),
     "E3_API_TOKEN": ("api_token",),
     "E3_RUN_DIR": ("run_dir",),
     "E3_PRESET": ("preset",),

@@ -103,8 +103,20 @@ def resolve_run_config(config: E3Config, run_dir: Path) -> tuple[E3Config, dict]
     config.scheduler.http_port, config.scheduler.grpc_port = ports["scheduler_http"], ports["scheduler_grpc"]
     config.reward.port, config.trainer.http_port = ports["reward"], ports["trainer"]
     config.generation.http_port = ports["generation"][0]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    # Secrets stay out of the file; the services get them from the environment (secret_env).
+    public = config.model_dump(exclude={"api_token": True, "scheduler": {"store_password"}})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False))
     return config, ports
+
+
+def secret_env(config: E3Config) -> dict[str, str]:
+    """The secrets config.yaml leaves out, as the environment variables the services read."""
+    out = {}
+    if config.api_token:
+        out["E3_API_TOKEN"] = config.api_token
+    if config.scheduler.store_password:
+        out["E3_STORE_PASSWORD"] = config.scheduler.store_password
+    return out
 
 
 def _read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
@@ -122,7 +134,7 @@ class RunningStack:
     stack: Stack
     config: E3Config
     ports: dict
-    trainer: Service
+    trainer: Service | None
     replicas: list[Service]
     reward: Service
     scheduler: Service
@@ -132,10 +144,12 @@ class RunningStack:
         return f"http://{self.config.scheduler.host}:{port}"
 
 
-def start_stack(config: E3Config, run_dir: Path, env: dict | None = None) -> RunningStack:
+def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, trainer: bool = True) -> RunningStack:
     """Start reward, scheduler, generation replicas and trainer; return once all are up.
 
-    The caller owns the result and must call `.stack.stop()`.
+    `trainer=False` leaves the trainer out, for a caller that pulls batches
+    and reports steps itself (the system benchmark). The caller owns the
+    result and must call `.stack.stop()`.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     config, ports = resolve_run_config(config, run_dir)
@@ -144,6 +158,7 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None) -> Run
     env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.generation.cpu_kv_cache_gb))
     env["PYTHONUNBUFFERED"] = "1"
+    env |= secret_env(config)
     stack = Stack(run_dir, env)
     try:
         reward = stack.start("reward", ["services.reward", "--host", host, "--port", str(ports["reward"]),
@@ -162,14 +177,16 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None) -> Run
             ], f"http://{host}:{port}/healthz")
             for i, port in enumerate(ports["generation"])
         ]
-        trainer = stack.start("trainer", ["services.trainer", "--config", config_path, "--scheduler", scheduler_address,
-                                          "--http-port", str(ports["trainer"])])
+        trainer_service = None
+        if trainer:
+            trainer_service = stack.start("trainer", ["services.trainer", "--config", config_path,
+                                                      "--scheduler", scheduler_address, "--http-port", str(ports["trainer"])])
         for replica in replicas:
             stack.wait_ready(replica, 300)
     except BaseException:
         stack.stop()
         raise
-    return RunningStack(stack, config, ports, trainer, replicas, reward, scheduler)
+    return RunningStack(stack, config, ports, trainer_service, replicas, reward, scheduler)
 
 
 def run_training(config: E3Config, run_dir: Path, env: dict | None = None) -> dict:

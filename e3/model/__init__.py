@@ -1,0 +1,1 @@
+"""The tiny base policy: character tokenizer, Llama builder, supervised warm-start, evaluation."""

@@ -36,7 +36,7 @@ def per_level_accuracy(
     by `seed`) and a level's accuracy is the mean over all of them.
     """
     model_dir = Path(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return accuracy_of(model, tokenizer, questions, samples, temperature, batch_size, seed)
 

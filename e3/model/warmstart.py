@@ -8,6 +8,12 @@ the middle levels before they are learned. The hardest level is still shown
 a little, so the model's answers there have the right shape (four digits)
 even though they are mostly wrong.
 
+Calibration (seed 0, 1,200 steps of 128, about 140 s on two idle cores):
+the mix below gives greedy valid accuracy L1 0.99, L2 0.55, L3 0.23, L4 0.26,
+L5 0.02. Competence is very sensitive to the mix: giving levels 2 and 3 a few
+points more weight (0.16/0.20) let addition "click" (L2 0.98, L3 0.74), so
+re-check the report after any change to the recipe.
+
 Plain PyTorch on CPU: AdamW, linear warm-up then cosine decay, cross-entropy
 on the answer tokens and <eos> only (the prompt is given, not predicted).
 Every batch is drawn from a generator seeded by the recipe's seed, and torch
@@ -99,29 +105,42 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 def train(recipe: Recipe, log=None) -> LlamaForCausalLM:
     """Warm-start a fresh model by `recipe`; `log(step, loss, model)` is called every 100 steps if given."""
+    # Thread count and deterministic kernels are process-wide; restore them so
+    # a caller (a trainer service, a test) keeps its own settings.
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train(recipe, log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(recipe: Recipe, log) -> LlamaForCausalLM:
     model = build_model(recipe.spec, recipe.seed)
     model.train()
-    pools = {lv: encode_pool(lv) for lv in batch_counts(recipe)}
     counts = batch_counts(recipe)
+    pools = {lv: encode_pool(lv) for lv in counts}
     gen = torch.Generator().manual_seed(recipe.seed)
-    # Norms and biases are not decayed, as is usual for transformers.
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # Norm gains (the only 1-D weights; Llama has no biases) are not decayed.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     optim = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr,
         betas=(0.9, 0.98),
     )
     for step in range(recipe.steps):
-        parts = [
-            (pools[lv][0][idx], pools[lv][1][idx])
-            for lv, n in counts.items()
-            for idx in [torch.randint(len(pools[lv][0]), (n,), generator=gen)]
-        ]
-        tokens = torch.cat([p[0] for p in parts])
-        mask = torch.cat([p[1] for p in parts])
+        rows, masks = [], []
+        for lv, n in counts.items():
+            tokens_lv, mask_lv = pools[lv]
+            idx = torch.randint(len(tokens_lv), (n,), generator=gen)
+            rows.append(tokens_lv[idx])
+            masks.append(mask_lv[idx])
+        tokens, mask = torch.cat(rows), torch.cat(masks)
+        # Right padding needs no attention mask: causal attention never lets
+        # a real token see the pads that follow it, and pads carry no loss.
         logits = model(input_ids=tokens).logits[:, :-1]
         target, weight = tokens[:, 1:], mask[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")

@@ -9,6 +9,7 @@ from e3.store.base import (
     StepAlreadyPlanned,
     Store,
     StoreCounters,
+    StoreUnavailable,
     SubmitOutcome,
     SubmitResult,
     TaskRecord,
@@ -25,6 +26,7 @@ __all__ = [
     "StepAlreadyPlanned",
     "Store",
     "StoreCounters",
+    "StoreUnavailable",
     "SubmitOutcome",
     "SubmitResult",
     "TaskRecord",
@@ -40,7 +42,8 @@ def open_store(url: str, *, namespace: str = "e3", **redis_options: Any) -> Stor
     memory:///abs/snapshot.json    in-process, snapshot at an absolute path
     memory://./relative.json       in-process, snapshot relative to the cwd
     redis://[:password@]host:port/db, rediss://...   RedisStore under `namespace`;
-                                   `redis_options` go to redis.from_url
+                                   `redis_options` go to redis.from_url (password=,
+                                   ssl_ca_certs=, ssl_certfile=, ssl_keyfile=...)
     """
     scheme, sep, rest = url.partition("://")
     if sep and scheme == "memory":

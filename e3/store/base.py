@@ -66,6 +66,15 @@ class StepAlreadyPlanned(ValueError):
     """plan_step was called twice for the same step."""
 
 
+class StoreUnavailable(ConnectionError):
+    """The store's server cannot be reached right now; the call may be retried.
+
+    Every write the scheduler makes is safe to repeat (a repeated completion
+    is a duplicate, a repeated plan is StepAlreadyPlanned, state and ranks
+    are overwritten whole), so callers answer "unavailable" and let clients retry.
+    """
+
+
 class Store(ABC):
     """What the scheduler needs from a store. All methods are thread-safe."""
 
@@ -103,6 +112,15 @@ class Store(ABC):
     @abstractmethod
     def expire_leases(self, now: float) -> list[str]:
         """Return tasks whose lease ran out to the front of the queue; their ids."""
+
+    @abstractmethod
+    def release(self, replica_id: str) -> list[str]:
+        """Return every task `replica_id` holds to the front of the queue now,
+        whatever its lease's expiry (an operator knows the replica is gone); their ids."""
+
+    @abstractmethod
+    def leases(self) -> list[TaskRecord]:
+        """The leased tasks, earliest expiry first."""
 
     @abstractmethod
     def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:

@@ -129,15 +129,27 @@ class MemoryStore(Store):
     def expire_leases(self, now: float) -> list[str]:
         with self._lock:
             # Expiry order, ties by id: the order Redis's sorted set gives.
-            expired = sorted((e, t) for t, e in self._leases.items() if e <= now)
-            ids = [t for _, t in expired]
-            for task_id in reversed(ids):  # appendleft in reverse keeps expiry order at the front
-                del self._leases[task_id]
-                task = self._tasks[task_id]
-                task.status, task.lease_id, task.leased_by, task.lease_expires_at = TaskStatus.PENDING, "", "", 0.0
-                self._queue.appendleft(task_id)
+            ids = self._requeue([t for t, e in self._leases.items() if e <= now])
             self._expiries += len(ids)
             return ids
+
+    def _requeue(self, task_ids: list[str]) -> list[str]:
+        """Put leased tasks back at the queue's front in expiry order (ties by id); caller holds the lock."""
+        ids = sorted(task_ids, key=lambda t: (self._leases[t], t))
+        for task_id in reversed(ids):  # appendleft in reverse keeps expiry order at the front
+            del self._leases[task_id]
+            task = self._tasks[task_id]
+            task.status, task.lease_id, task.leased_by, task.lease_expires_at = TaskStatus.PENDING, "", "", 0.0
+            self._queue.appendleft(task_id)
+        return ids
+
+    def release(self, replica_id: str) -> list[str]:
+        with self._lock:
+            return self._requeue([t for t in self._leases if self._tasks[t].leased_by == replica_id])
+
+    def leases(self) -> list[TaskRecord]:
+        with self._lock:
+            return [dataclasses.replace(self._tasks[t]) for _, t in sorted((e, t) for t, e in self._leases.items())]
 
     def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
         group_json, count, total = encode_completion(group, rewards)

@@ -15,6 +15,11 @@ database:
     P leases              zset    leased task ids scored by lease expiry
     P counters            hash    lease_expiries, duplicates
 
+Connections: redis:// or rediss:// (TLS) URLs, with the password in the URL
+or passed as an option (the scheduler's `store_password` setting); redis-py
+retries a dropped connection a few times, and what still fails is raised as
+RedisUnavailable so that the scheduler answers "unavailable" and clients retry.
+
 Operations that touch several keys and must not interleave (plan_step,
 lease, expire_leases, complete, drop_step) are Lua scripts, which Redis runs
 atomically. The scripts build task keys from the prefix, because which tasks
@@ -25,6 +30,7 @@ re-encoded inside Lua, whose number formatting would round them.
 
 from __future__ import annotations
 
+import functools
 import json
 import typing
 import uuid
@@ -37,6 +43,7 @@ from e3.core.difficulty import QuestionStats
 from e3.store.base import (
     StepAlreadyPlanned,
     Store,
+    StoreUnavailable,
     StoreCounters,
     SubmitOutcome,
     SubmitResult,
@@ -111,6 +118,22 @@ if #ids > 0 then redis.call('HINCRBY', prefix .. 'counters', 'lease_expiries', #
 return ids
 """
 
+# ARGV: prefix, replica id. Like _EXPIRE, for every lease the replica holds.
+_RELEASE = """
+local prefix, replica = ARGV[1], ARGV[2]
+local ids = {}
+for _, id in ipairs(redis.call('ZRANGE', prefix .. 'leases', 0, -1)) do
+  if redis.call('HGET', prefix .. 'task:' .. id, 'leased_by') == replica then ids[#ids + 1] = id end
+end
+for i = #ids, 1, -1 do
+  redis.call('ZREM', prefix .. 'leases', ids[i])
+  redis.call('HSET', prefix .. 'task:' .. ids[i], 'status', 'pending', 'lease_id', '', 'leased_by', '',
+             'lease_expires_at', '0.0')
+  redis.call('LPUSH', prefix .. 'queue', ids[i])
+end
+return ids
+"""
+
 # ARGV: prefix, task id, group JSON, reward count, reward sum.
 _COMPLETE = """
 local prefix, id = ARGV[1], ARGV[2]
@@ -151,8 +174,27 @@ return 1
 """
 
 
-class RedisUnavailable(ConnectionError):
+class RedisUnavailable(StoreUnavailable):
     """The Redis server named by the URL could not be reached or refused us."""
+
+
+# Failures that say "the server is not there right now" (down, restarting,
+# still loading its AOF: BusyLoadingError is a ConnectionError, too slow),
+# as opposed to a bug in a command.
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+
+
+def _translate_errors(method):
+    """Re-raise a transient Redis failure as RedisUnavailable, naming the operation."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _TRANSIENT as exc:
+            raise RedisUnavailable(f"Redis at {self.url} failed during {method.__name__}: {exc}") from exc
+
+    return wrapper
 
 
 def mask_url(url: str) -> str:
@@ -168,6 +210,9 @@ def mask_url(url: str) -> str:
 
 
 class RedisStore(Store):
+    """See the module docstring for the key layout. Transient server failures
+    surface as RedisUnavailable (a StoreUnavailable) from every method."""
+
     def __init__(self, url: str, namespace: str = "e3", **options: typing.Any) -> None:
         """Connect to `url` (redis:// or rediss://); `options` go to redis.from_url
         (TLS files, timeouts...). Raises RedisUnavailable if the server does not answer."""
@@ -176,6 +221,9 @@ class RedisStore(Store):
         self.url = mask_url(url)
         self._p = f"{namespace}:"
         options.setdefault("socket_connect_timeout", 5.0)
+        # Without a read timeout a hung server (stopped, swapping) would hang every
+        # scheduler call with it; with one, the call fails as unavailable and is retried.
+        options.setdefault("socket_timeout", 10.0)
         try:
             self._r = redis.Redis.from_url(url, decode_responses=True, **options)
             self._r.ping()
@@ -186,6 +234,7 @@ class RedisStore(Store):
         self._expire = self._r.register_script(_EXPIRE)
         self._complete = self._r.register_script(_COMPLETE)
         self._drop = self._r.register_script(_DROP_STEP)
+        self._release = self._r.register_script(_RELEASE)
 
     # --- state, statistics, ranks ---
     def load_state(self) -> dict | None:
@@ -247,6 +296,17 @@ class RedisStore(Store):
     def expire_leases(self, now: float) -> list[str]:
         return list(self._expire(args=[self._p, repr(float(now))]))
 
+    def release(self, replica_id: str) -> list[str]:
+        return list(self._release(args=[self._p, replica_id]))
+
+    def leases(self) -> list[TaskRecord]:
+        ids = self._r.zrange(self._p + "leases", 0, -1)
+        pipe = self._r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self._p + "task:" + task_id)
+        # A task completed between the two reads has left the leases: skip it.
+        return [t for t in map(_task_or_none, pipe.execute()) if t is not None and t.status == TaskStatus.LEASED]
+
     def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
         group_json, count, total = encode_completion(group, rewards)
         outcome, done, planned = self._complete(args=[self._p, task_id, group_json, count, repr(total)])
@@ -287,6 +347,10 @@ class RedisStore(Store):
         self._r.close()
 
 
+for _name in Store.__abstractmethods__:
+    setattr(RedisStore, _name, _translate_errors(getattr(RedisStore, _name)))
+
+
 def _task_to_text(task: TaskRecord) -> list[str]:
     """The record's attributes as Redis strings, in _TASK_FIELDS order."""
     out = []
@@ -299,6 +363,10 @@ def _task_to_text(task: TaskRecord) -> list[str]:
         else:
             out.append(str(kind(value)))
     return out
+
+
+def _task_or_none(fields: dict[str, str]) -> TaskRecord | None:
+    return _task_from_text(fields) if fields else None
 
 
 def _task_from_text(fields: dict[str, str]) -> TaskRecord:

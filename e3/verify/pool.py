@@ -10,12 +10,14 @@ happens from the multi-threaded service process itself.
 
 Each worker serves one check at a time; `verify` is safe to call from many
 threads, which queue for an idle worker. Time spent queueing does not count
-against the limit.
+against the limit. Requests and verdicts cross the pipe as JSON bytes, not
+pickles (Connection.send/recv would unpickle whatever a worker wrote).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import multiprocessing as mp
 import queue
@@ -30,7 +32,7 @@ from e3.verify.verdict import ERROR_PREFIX, TIMEOUT_PREFIX, Verdict
 CHECKERS = {"arithmetic": "e3.verify.arithmetic", "math": "e3.verify.math"}
 
 # Reasoning traces run to tens of thousands of characters; megabytes are junk
-# that would only cost pickling and scanning time.
+# that would only cost encoding and scanning time.
 DEFAULT_MAX_RESPONSE_CHARS = 200_000
 # A worker that tries to materialise a huge integer gets MemoryError (a clean
 # "error" verdict) instead of pushing the host into swap before the timeout.
@@ -52,16 +54,25 @@ def _limit_memory(limit_bytes: int | None) -> None:
         log.warning("could not cap worker memory at %d bytes: %s", limit_bytes, exc)
 
 
+def _send(conn: Connection, message) -> None:
+    # ensure_ascii escapes lone surrogates, which UTF-8 could not encode.
+    conn.send_bytes(json.dumps(message).encode("ascii"))
+
+
+def _recv(conn: Connection):
+    return json.loads(conn.recv_bytes())
+
+
 def _worker_main(conn: Connection, memory_limit_bytes: int | None) -> None:
     """Serve (verifier, response, ground_truth) requests until the pipe closes."""
     _limit_memory(memory_limit_bytes)
     # math-verify logs every unparseable answer and warns that we disabled its
     # timeouts; the verdict's reason already carries what matters.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
-    conn.send(_READY)
+    _send(conn, _READY)
     while True:
         try:
-            verifier, response, ground_truth = conn.recv()
+            verifier, response, ground_truth = _recv(conn)
         except EOFError:
             return
         try:
@@ -73,7 +84,7 @@ def _worker_main(conn: Connection, memory_limit_bytes: int | None) -> None:
             reward, reason = 0.0, f"{ERROR_PREFIX}: expression nested too deeply"
         except Exception as exc:  # reported in the verdict, never raised to the caller
             reward, reason = 0.0, f"{ERROR_PREFIX}: {type(exc).__name__}: {exc}"[:300]
-        conn.send((float(reward), reason))
+        _send(conn, [float(reward), reason])
 
 
 @dataclass(eq=False)  # identity hashing: workers live in a set
@@ -121,7 +132,7 @@ class VerifierPool:
         )
         process.start()
         child.close()  # so the parent sees EOF if the worker dies
-        if not parent.poll(_START_TIMEOUT_S) or parent.recv() != _READY:
+        if not parent.poll(_START_TIMEOUT_S) or _recv(parent) != _READY:
             process.kill()
             raise RuntimeError(f"verifier worker pid {process.pid} did not start within {_START_TIMEOUT_S}s")
         worker = _Worker(process, parent)
@@ -153,9 +164,9 @@ class VerifierPool:
         worker = self._take()
         start = time.perf_counter()
         try:
-            worker.conn.send((verifier, response, ground_truth))
+            _send(worker.conn, [verifier, response, ground_truth])
             if worker.conn.poll(limit):
-                reward, reason = worker.conn.recv()
+                reward, reason = _recv(worker.conn)
                 self._idle.put(worker)
                 return Verdict(reward, reason, time.perf_counter() - start)
             reason = f"{TIMEOUT_PREFIX} after {limit:g}s"

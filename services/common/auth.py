@@ -41,3 +41,25 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Metadata a client attaches to every call."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def http_bearer(token: str | None):
+    """A FastAPI dependency that refuses a request without `Authorization: Bearer <token>`.
+
+    Declared through fastapi.security.HTTPBearer, so the OpenAPI schema names
+    the scheme and clients (and the schema fuzzer) know to send it. With no
+    token configured it lets everything through.
+    """
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+    scheme = HTTPBearer(auto_error=False, description="the run's API token (E3_API_TOKEN)")
+
+    def check(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
+        if token is None:
+            return
+        presented = f"Bearer {credentials.credentials}" if credentials is not None else None
+        if not token_matches(presented, token):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return check

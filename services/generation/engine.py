@@ -48,6 +48,23 @@ def _check_model_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+def engine_arguments(model_dir: str | Path, gpu_memory_utilization: float, seed: int, on_cpu: bool) -> dict:
+    """The vLLM engine settings a replica runs with; vLLM's offline `LLM(**...)`
+    takes the same keywords, which is how the system benchmark compares like with like."""
+    return dict(
+        model=str(model_dir),
+        dtype="float32" if on_cpu else "auto",
+        seed=seed,
+        logprobs_mode="processed_logprobs",
+        # Weights load from *.safetensors only, never from a pickled *.bin.
+        load_format="safetensors",
+        gpu_memory_utilization=gpu_memory_utilization,
+        # Graph capture costs more than it saves for small models on CPU.
+        enforce_eager=on_cpu,
+        disable_log_stats=True,
+    )
+
+
 class GenerationEngine:
     """Sampling with logprobs, and in-place weight updates, over one AsyncLLM."""
 
@@ -72,16 +89,7 @@ class GenerationEngine:
             # Without it vLLM reserves a large share of host memory for KV cache;
             # the engine core child process inherits the variable.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_gb))
-        args = AsyncEngineArgs(
-            model=str(model_dir),
-            dtype="float32" if on_cpu else "auto",
-            seed=self.seed,
-            logprobs_mode="processed_logprobs",
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            # Graph capture costs more than it saves for small models on CPU.
-            enforce_eager=on_cpu,
-            disable_log_stats=True,
-        )
+        args = AsyncEngineArgs(**engine_arguments(model_dir, self.gpu_memory_utilization, self.seed, on_cpu))
         begin = time.perf_counter()
         self.llm = AsyncLLM.from_engine_args(args)
         elapsed = time.perf_counter() - begin

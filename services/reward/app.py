@@ -19,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from e3.verify import VERIFIERS, Verdict, VerifierPool
-from services.common.auth import token_matches
+from services.common.auth import http_bearer
 from services.reward.metrics import RewardMetrics
 from services.reward.settings import RewardSettings
 
@@ -100,13 +100,10 @@ def create_app(settings: RewardSettings) -> FastAPI:
     app = FastAPI(title="e3 reward", lifespan=lifespan)
     app.state.service = service
 
-    def require_token(authorization: str | None = Header(default=None)) -> None:
-        if settings.api_token is None:
-            return
-        if not token_matches(authorization, settings.api_token):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(require_token)])
+    @app.post(
+        "/v1/score", response_model=ScoreResponse, dependencies=[Depends(http_bearer(settings.api_token))],
+        responses={401: {"description": "missing or wrong bearer token"}, 503: {"description": "workers still starting"}},
+    )
     async def score(request: ScoreRequest) -> ScoreResponse:
         if len(request.items) > settings.max_batch:
             raise RequestValidationError(

@@ -1,16 +1,22 @@
 """Run the scheduler: gRPC for work, HTTP for state, in one process.
 
     python -m services.scheduler --config run.yaml [--http-port N] [--grpc-port N]
+
+A configuration, data set or store that cannot be used stops it at once
+with one line naming the culprit (exit code 2), not a traceback.
+SIGTERM: stop taking calls, give in-flight ones 5 s, close the store, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from pathlib import Path
 
-from e3.config import load_config
-from e3.store import open_store
+from e3.config import ConfigError, load_config
+from e3.store import SnapshotError, StoreUnavailable, open_store
+from e3.tasks.question import DatasetError
 from e3.tasks.datasets import load_split
 from services.common.runtime import model_vocab_size, serve_http, setup_logging
 from services.scheduler.engine import SchedulerEngine
@@ -20,6 +26,14 @@ from services.scheduler.metrics import SchedulerMetrics
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        serve(argv)
+    except (ConfigError, DatasetError, SnapshotError, StoreUnavailable) as exc:
+        setup_logging("scheduler").error("cannot start: %s", exc)
+        sys.exit(2)
+
+
+def serve(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.scheduler", description=__doc__)
     parser.add_argument("--config", help="YAML config file (environment variables override it)")
     parser.add_argument("--http-port", type=int)
@@ -37,12 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     vocab_size = args.vocab_size or model_vocab_size(config.base_model)
 
     train = load_split(config.data, "train", base_dir=Path.cwd())
-    store = open_store(sc.store_url, namespace=sc.run_id)
+    store = open_store(sc.store_url, namespace=sc.run_id, **sc.store_options())
     metrics = SchedulerMetrics()
     engine = SchedulerEngine(config, train, store, vocab_size, initial_weights_path=config.base_model or "", observer=metrics)
     metrics.bind(engine)
     server, bound = start_grpc_server(engine, sc.host, grpc_port, config.api_token)
-    log.info("gRPC on %s:%d, store %s, %d training questions, step %d", sc.host, bound, sc.store_url.split("@")[-1], len(train), engine.step)
+    view = engine.snapshot()
+    log.info("gRPC on %s:%d, store %s, %d training questions; at step %d, T %.6g, policy v%d, %d queued, %d leased",
+             sc.host, bound, sc.store_url.split("@")[-1], len(train), view["step"], view["temperature"],
+             view["policy_version"], view["queue_depth"], view["leased_tasks"])
 
     stop = threading.Event()
 
@@ -56,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.exception("lease sweep failed")
 
     threading.Thread(target=expire_loop, name="lease-sweeper", daemon=True).start()
-    app = create_app(engine, metrics)
+    app = create_app(engine, metrics, token=config.api_token, read_open=config.api_read_open)
     try:
         serve_http(app, sc.host, http_port)
     finally:

@@ -11,6 +11,7 @@ rebuilt from it at any moment.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -140,6 +141,9 @@ class SchedulerEngine:
         )
         self._lock = threading.RLock()
         self._step_complete = threading.Condition(self._lock)
+        # step -> lease -> (replica, generate_s, score_s); in memory only, for
+        # the step reports' time split (a restart loses one step's figures).
+        self._lease_seconds: dict[int, dict[str, tuple[str, float, float]]] = {}
         state = store.load_state()
         if state is None:
             state = {
@@ -153,7 +157,12 @@ class SchedulerEngine:
             }
         self.state = state
         if not state["finished"]:
-            self._plan(state["step"])
+            if self._plan(state["step"], state) and observer:
+                observer.on_plan(state["allocations"][str(state["step"])])
+        if state["step"] > 0:
+            # A scheduler that died between adopting a report and dropping the
+            # trained step's tasks finishes that clean-up here (dropping twice is harmless).
+            store.drop_step(state["step"] - 1)
         store.save_state(self.state)
 
     # ---- derived views -------------------------------------------------
@@ -169,9 +178,12 @@ class SchedulerEngine:
     @property
     def temperature(self) -> float:
         """T for the current step; fixed at the initial value without control."""
+        return self._temperature_of(self.state)
+
+    def _temperature_of(self, state: dict) -> float:
         if not self.config.temperature.control:
             return self.config.temperature.initial
-        return self.temperature_state.temperature
+        return TemperatureState.from_dict(state["temperature"]).temperature
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -181,8 +193,12 @@ class SchedulerEngine:
 
     # ---- planning ------------------------------------------------------
 
-    def _plan(self, step: int) -> None:
-        """Plan a step's tasks; idempotent across restarts (the allocator is deterministic)."""
+    def _plan(self, step: int, state: dict) -> bool:
+        """Queue a step's tasks and record its allocation in `state`; True if newly queued.
+
+        Idempotent: the allocator is deterministic, so a restarted scheduler (or
+        a retried report) computes the same tasks and finds them already queued.
+        """
         alloc = self.config.allocation
         plan = plan_step(
             step,
@@ -195,7 +211,7 @@ class SchedulerEngine:
             self.store.ranks(),
             self.priors,
         )
-        temperature = self.temperature
+        temperature = self._temperature_of(state)
         tasks = [
             TaskRecord(
                 task_id=f"s{step}-{i}",
@@ -203,7 +219,7 @@ class SchedulerEngine:
                 question_id=qid,
                 num_samples=count,
                 temperature=temperature,
-                policy_version=self.state["policy_version"],
+                policy_version=state["policy_version"],
             )
             for i, (qid, count) in enumerate(zip(plan.question_ids, plan.counts))
         ]
@@ -211,14 +227,13 @@ class SchedulerEngine:
             self.store.plan_step(step, tasks)
             fresh = True
         except StepAlreadyPlanned:
-            fresh = False  # a restarted scheduler finds its plan already queued
-        record = plan.to_dict() | {"temperature": temperature, "policy_version": self.state["policy_version"]}
-        allocations = self.state["allocations"]
+            fresh = False  # a restarted scheduler (or a retried report) finds its plan queued
+        record = plan.to_dict() | {"temperature": temperature, "policy_version": state["policy_version"]}
+        allocations = state["allocations"]
         allocations[str(step)] = record
         for old in [k for k in allocations if int(k) <= step - ALLOCATION_HISTORY]:
             del allocations[old]
-        if fresh and self.observer:
-            self.observer.on_plan(record)
+        return fresh
 
     # ---- work for generation replicas -----------------------------------
 
@@ -236,6 +251,21 @@ class SchedulerEngine:
         records = self.store.lease(replica_id, max_tasks, now, self.config.scheduler.lease_s)
         tasks = [LeasedTask(r, self.questions[r.question_id], self.config.training.max_tokens) for r in records]
         return LeaseResult(tasks, version, weights, False, 0.0 if tasks else 0.2)
+
+    def release(self, replica_id: str) -> list[str]:
+        """Hand a replica's leased tasks back to the queue now (an operator knows it is gone)."""
+        if not replica_id:
+            raise SchedulerError("invalid_argument", "replica_id must be non-empty")
+        return self.store.release(replica_id)
+
+    def leases(self) -> list[dict]:
+        """The leased tasks, earliest expiry first, with their holders."""
+        now = self.clock()
+        return [
+            {"task_id": t.task_id, "step": t.step, "question_id": t.question_id, "replica_id": t.leased_by,
+             "expires_in_s": t.lease_expires_at - now, "times_leased": t.times_leased}
+            for t in self.store.leases()
+        ]
 
     def expire_leases(self, now: float | None = None) -> int:
         expired = self.store.expire_leases(self.clock() if now is None else now)
@@ -290,12 +320,33 @@ class SchedulerEngine:
         }
         rewards = [s.reward for s in submission.samples]
         result = self.store.complete(task.task_id, group, rewards)
+        if result.outcome == SubmitOutcome.ACCEPTED:
+            self._note_lease_seconds(task.step, submission)
         if self.observer:
             self.observer.on_submit(result.outcome, rewards, sum(len(s.response_token_ids) for s in submission.samples))
         if result.step_done == result.step_total:
             with self._step_complete:
                 self._step_complete.notify_all()
         return result.outcome, result.step_done, result.step_total
+
+    def _note_lease_seconds(self, step: int, submission: Submission) -> None:
+        # Every group of a lease carries the whole lease's sampling and scoring
+        # seconds; both stores name a lease's tasks "<lease base>.<n>", so
+        # keying by the base counts each lease once.
+        lease = submission.lease_id.rpartition(".")[0] or submission.lease_id
+        with self._lock:
+            self._lease_seconds.setdefault(step, {})[lease] = (
+                submission.replica_id, submission.generate_s, submission.score_s)
+
+    def _generation_seconds(self, step: int) -> dict[str, dict]:
+        """Per replica: seconds spent sampling and scoring the step's leases."""
+        out: dict[str, dict] = {}
+        for replica, generate_s, score_s in self._lease_seconds.pop(step, {}).values():
+            totals = out.setdefault(replica, {"generate_s": 0.0, "score_s": 0.0, "leases": 0})
+            totals["generate_s"] += generate_s
+            totals["score_s"] += score_s
+            totals["leases"] += 1
+        return out
 
     def _rejected(self, reason: str) -> None:
         if self.observer:
@@ -333,9 +384,15 @@ class SchedulerEngine:
             }
 
     def report(self, report: StepReport) -> dict:
-        """Absorb the trainer's report of the current step and plan the next one."""
+        """Absorb the trainer's report of the current step and plan the next one.
+
+        The new state is built on a copy and saved in one write, the commit
+        point: if the store fails before it, nothing has changed here and the
+        trainer's retry starts over (every earlier write is idempotent). The
+        trained step's tasks are dropped only after the commit.
+        """
         with self._lock:
-            step = self.state["step"]
+            step, version = self.state["step"], self.state["policy_version"]
             if report.step == step - 1 and self.state["reports"] and self.state["reports"][-1]["step"] == report.step:
                 return self._ack()  # a retried report: already applied
             if report.step != step:
@@ -343,48 +400,52 @@ class SchedulerEngine:
             done, total = self.store.step_progress(step)
             if done != total:
                 raise SchedulerError("failed_precondition", f"step {step} is not complete ({done} of {total} groups)")
-            if report.new_policy_version < self.state["policy_version"]:
+            if report.new_policy_version not in (version, version + 1):
                 raise SchedulerError(
                     "invalid_argument",
-                    f"new_policy_version {report.new_policy_version} is older than {self.state['policy_version']}",
+                    f"new_policy_version must be {version} (no update) or {version + 1}, got {report.new_policy_version}",
                 )
             if not report.skipped and not (math.isfinite(report.entropy) and report.entropy > 0):
                 raise SchedulerError("invalid_argument", f"entropy must be a positive number, got {report.entropy}")
 
             groups = self.store.step_groups(step)
             outcomes = [group_outcome([s["reward"] for s in g["samples"]]).value for g in groups]
-            temperature_before = self.temperature
+            new = copy.deepcopy(self.state)
             if not report.skipped:
                 state = observe_entropy(self.temperature_config, self.temperature_state, report.entropy)
-                self.state["temperature"] = state.to_dict()
-            self.state["policy_version"] = report.new_policy_version
+                new["temperature"] = state.to_dict()
+            new["policy_version"] = report.new_policy_version
             if report.weights_path:
-                self.state["weights_path"] = report.weights_path
+                new["weights_path"] = report.weights_path
             entry = {
                 "step": step,
                 "entropy": report.entropy,
                 "loss": report.loss,
                 "skipped": report.skipped,
-                "temperature": temperature_before,
-                "next_temperature": self.temperature,
-                "target_entropy": self.temperature_state.target_entropy,
+                "temperature": self.temperature,
+                "next_temperature": self._temperature_of(new),
+                "target_entropy": TemperatureState.from_dict(new["temperature"]).target_entropy,
                 "policy_version": report.new_policy_version,
                 "rollouts": sum(len(g["samples"]) for g in groups),
                 "outcomes": {o: outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")},
                 "metrics": dict(report.metrics),
+                "generation": self._generation_seconds(step),
             }
-            self.state["reports"] = (self.state["reports"] + [entry])[-ALLOCATION_HISTORY:]
+            new["reports"] = (new["reports"] + [entry])[-ALLOCATION_HISTORY:]
             next_step = step + 1
             if self.config.allocation.rerank == "step" or next_step % self.steps_per_epoch == 0:
                 self.store.save_ranks(accuracy_ranks(self.question_ids, self.store.all_stats()))
-            self.store.drop_step(step)
-            self.state["step"] = next_step
+            new["step"] = next_step
             if next_step >= self.config.training.steps:
-                self.state["finished"] = True
+                new["finished"] = True
             else:
-                self._plan(next_step)
-            self.store.save_state(self.state)
+                self._plan(next_step, new)
+            self.store.save_state(new)
+            self.state = new
+            self.store.drop_step(step)
             if self.observer:
+                if not new["finished"]:
+                    self.observer.on_plan(new["allocations"][str(next_step)])
                 self.observer.on_report(entry, self)
             return self._ack()
 

@@ -1,4 +1,12 @@
-"""The scheduler's gRPC face: checks each message, converts it, calls the engine."""
+"""The scheduler's gRPC face: checks each message, converts it, calls the engine.
+
+Status codes: a refused token is UNAUTHENTICATED (services.common.auth), bytes
+that are not the request message INVALID_ARGUMENT (services.common.grpc_guard),
+a message over the size limit RESOURCE_EXHAUSTED (grpcio), a bad field
+INVALID_ARGUMENT, an unknown task NOT_FOUND, a stale policy version or an
+out-of-order step FAILED_PRECONDITION, and a store that cannot be reached
+UNAVAILABLE (clients retry that one). Every refusal says what was wrong.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,9 @@ import grpc
 
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
+from e3.store import StoreUnavailable
 from services.common.auth import BearerTokenInterceptor
+from services.common.grpc_guard import MalformedRequestGuard
 from services.scheduler.engine import SchedulerEngine, SchedulerError, StepReport, SubmittedSample, Submission
 
 STATUS = {
@@ -37,6 +47,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             return fn(*args)
         except SchedulerError as exc:
             context.abort(STATUS[exc.code], str(exc))
+        except StoreUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler's store is unavailable, retry: {exc}")
 
     def LeaseTasks(self, request: pb.LeaseRequest, context) -> pb.LeaseReply:
         _require(bool(request.replica_id), "replica_id must be non-empty", context)
@@ -104,6 +116,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     pb.Group(
                         task_id=g["task_id"], question_id=g["question_id"], temperature=g["temperature"],
                         policy_version=g["policy_version"], level=g.get("level", 0),
+                        replica_id=g.get("replica_id", ""),
                         samples=[pb.Sample(**s) for s in g["samples"]],
                     )
                 )
@@ -123,15 +136,19 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         return pb.StepAck(**ack)
 
 
-def start_grpc_server(engine: SchedulerEngine, host: str, port: int, token: str | None, workers: int = 16) -> tuple[grpc.Server, int]:
+def start_grpc_server(
+    engine: SchedulerEngine, host: str, port: int, token: str | None, workers: int = 16,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the port it bound (port 0 picks a free one)."""
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    # The token check runs first, so an unauthenticated caller learns nothing about its message.
+    interceptors = ([BearerTokenInterceptor(token)] if token else []) + [MalformedRequestGuard()]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
     pb_grpc.add_SchedulerServicer_to_server(SchedulerServicer(engine), server)

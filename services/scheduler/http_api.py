@@ -1,15 +1,29 @@
-"""The scheduler's HTTP read side: state, statistics, allocations, health, metrics."""
+"""The scheduler's HTTP face: state, statistics, allocations, leases; one admin action.
+
+Access, with a token configured (E3_API_TOKEN): the mutating endpoint
+(POST /v1/replicas/{id}/release) always needs `Authorization: Bearer
+<token>`; the /v1 reads need it unless `api_read_open` is true (the
+default); /healthz, /readyz and /metrics stay open for probes and Prometheus.
+A store that cannot be reached answers 503 with Retry-After.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from services.scheduler.engine import SchedulerEngine
+from e3.store import StoreUnavailable
+from services.common.auth import http_bearer
+from services.scheduler.engine import SchedulerEngine, SchedulerError
 from services.scheduler.metrics import SchedulerMetrics
+
+NOT_FOUND = {404: {"description": "no such question or step"}}
+REFUSED = {401: {"description": "missing or wrong bearer token"}}
+UNAVAILABLE = {503: {"description": "the store cannot be reached; retry"}}
 
 
 class State(BaseModel):
@@ -58,12 +72,36 @@ class Allocation(BaseModel):
     counts: list[int]
 
 
-def create_app(engine: SchedulerEngine, metrics: SchedulerMetrics, ready=lambda: True) -> FastAPI:
+class Lease(BaseModel):
+    task_id: str
+    step: int
+    question_id: str
+    replica_id: str
+    expires_in_s: float
+    times_leased: int
+
+
+class Released(BaseModel):
+    replica_id: str
+    task_ids: list[str]
+
+
+def create_app(
+    engine: SchedulerEngine, metrics: SchedulerMetrics, ready=lambda: True,
+    token: str | None = None, read_open: bool = True,
+) -> FastAPI:
     app = FastAPI(
         title="e3 scheduler",
         version="1",
         description="State of an E3 run: step, temperature, rollout budgets and per-question difficulty.",
+        responses=UNAVAILABLE,
     )
+    writer = [Depends(http_bearer(token))]
+    reader = [] if read_open else writer
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"store unavailable, retry: {exc}"}, status_code=503, headers={"Retry-After": "1"})
 
     def question_view(qid: str, stats, ranks) -> QuestionView:
         q = engine.questions[qid]
@@ -74,17 +112,17 @@ def create_app(engine: SchedulerEngine, metrics: SchedulerMetrics, ready=lambda:
             accuracy=s.accuracy if s else 0.0, rank=ranks.get(qid), prior_rank=q.prior_rank,
         )
 
-    @app.get("/v1/state", response_model=State)
+    @app.get("/v1/state", response_model=State, dependencies=reader, responses=REFUSED)
     def state() -> State:
         return State(**engine.snapshot())
 
-    @app.get("/v1/questions/{question_id}", response_model=QuestionView)
+    @app.get("/v1/questions/{question_id}", response_model=QuestionView, dependencies=reader, responses=REFUSED | NOT_FOUND)
     def question(question_id: str) -> QuestionView:
         if question_id not in engine.questions:
             raise HTTPException(404, f"question_id {question_id!r} is not in the training set")
         return question_view(question_id, engine.store.stats([question_id]), engine.store.ranks())
 
-    @app.get("/v1/questions", response_model=list[QuestionView])
+    @app.get("/v1/questions", response_model=list[QuestionView], dependencies=reader, responses=REFUSED)
     def questions(
         order: Literal["hardest", "easiest"] = "hardest",
         limit: int = Query(10, ge=1, le=1000),
@@ -99,17 +137,32 @@ def create_app(engine: SchedulerEngine, metrics: SchedulerMetrics, ready=lambda:
         ids.sort(key=lambda q: (sign * (stats[q].accuracy if q in stats else 0.0), -(stats[q].attempts if q in stats else 0), q))
         return [question_view(q, stats, ranks) for q in ids[:limit]]
 
-    @app.get("/v1/allocations/{step}", response_model=Allocation)
+    @app.get("/v1/allocations/{step}", response_model=Allocation, dependencies=reader, responses=REFUSED | NOT_FOUND)
     def allocation(step: int) -> Allocation:
         record = engine.allocation(step)
         if record is None:
             raise HTTPException(404, f"no allocation for step {step} (planned steps are kept for 64 steps)")
         return Allocation(**{k: record[k] for k in Allocation.model_fields})
 
-    @app.get("/v1/reports")
+    @app.get("/v1/reports", dependencies=reader, responses=REFUSED)
     def reports(limit: int = Query(20, ge=1, le=64)) -> list[dict]:
         """The trainer's most recent step reports, as the scheduler absorbed them."""
         return engine.state["reports"][-limit:]
+
+    @app.get("/v1/leases", response_model=list[Lease], dependencies=reader, responses=REFUSED)
+    def leases() -> list[Lease]:
+        """Tasks out with a replica right now, earliest expiry first."""
+        return [Lease(**lease) for lease in engine.leases()]
+
+    @app.post("/v1/replicas/{replica_id}/release", response_model=Released, dependencies=writer, responses=REFUSED)
+    def release(replica_id: str = Path(min_length=1, max_length=256)) -> Released:
+        """Put every task the replica holds back in the queue now, instead of
+        waiting for its leases to expire (say, its pod is known to be gone).
+        A late submission from it is still accepted if nobody finished the task first."""
+        try:
+            return Released(replica_id=replica_id, task_ids=engine.release(replica_id))
+        except SchedulerError as exc:
+            raise HTTPException(422, str(exc)) from exc
 
     @app.get("/healthz")
     def healthz() -> dict:

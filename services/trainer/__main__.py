@@ -1,6 +1,10 @@
 """Run the trainer until the scheduler says the run is finished.
 
     python -m services.trainer --config run.yaml --scheduler HOST:PORT [--http-port N]
+
+Exit codes: 0 finished, or stopped by SIGTERM after finishing (training,
+checkpointing and reporting) the step in hand; 2 a configuration or data set
+that cannot be used; 3 training cannot go on (e.g. too many non-finite steps).
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from e3.config import load_config
+from e3.config import ConfigError, load_config
 from e3.tasks.datasets import load_split
+from e3.tasks.question import DatasetError
 from services.common.http_thread import HttpServerThread
 from services.common.runtime import setup_logging, stop_event_on_signals
 from services.trainer.http_api import create_app
@@ -27,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     log = setup_logging("trainer")
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     if not config.base_model:
         parser.error("the config must name base_model (the launcher fills it in)")
     stop = stop_event_on_signals()
@@ -40,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         valid = load_split(config.data, "valid", base_dir=Path.cwd())
         trainer = Trainer(config, Path(config.base_model), args.scheduler, valid, metrics=metrics, status=status)
         trainer.run(stop)
+    except DatasetError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     except TrainingStopped as exc:
-        log.error("%s", exc)
+        log.error("training stopped: %s", exc)
         return 3
     finally:
         http.stop()

@@ -1,9 +1,18 @@
 """The trainer's loop: pull a batch, update, publish, checkpoint, report.
 
-Restart-safe: progress is checkpointed (model, optimizer, next step and the
-report of the last step) before the report is sent, and a restarted trainer
-re-sends that report first; the scheduler treats a repeated report as
-already applied, so the policy version the replicas see stays consistent.
+Restart-safe: progress is checkpointed (model, optimizer, generator, next
+step, and the report and metrics record of the last step) before the report
+is sent, and a restarted trainer re-sends that report first; the scheduler
+treats a repeated report as already applied, so the policy version the
+replicas see stays consistent. Policies published after the checkpoint were
+never announced and are discarded on restart. This needs a checkpoint before
+every report (training.checkpoint_every = 1, the default); with a larger
+value a restart that finds the scheduler ahead stops with a clear message.
+
+A step whose loss or gradient is not finite is skipped (no optimizer step,
+no new policy), logged, counted in e3_trainer_skipped_steps_total and
+reported to the scheduler as skipped; training.max_bad_steps in a row stop
+the run. `fault.nan_steps` injects such steps for the fault tests.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from e3.tasks.question import Question
 from services.common.auth import call_metadata
 from services.trainer.batching import build_batch
 from services.trainer.publish import (
+    discard_unreported_versions,
+    load_generator_state,
     latest_checkpoint,
     load_optimizer_state,
     publish_policy,
@@ -64,6 +75,7 @@ class Progress:
     policy_version: int = 0
     bad_steps: int = 0
     pending_report: dict | None = None
+    pending_record: dict | None = None  # the metrics line of the pending report's step
     rollouts_trained: int = 0
     tokens_trained: int = 0
     extra: dict = field(default_factory=dict)
@@ -87,17 +99,23 @@ class Trainer:
         self.progress = Progress()
         checkpoint = latest_checkpoint(self.paths.checkpoints)
         source = checkpoint / "model" if checkpoint else base_model
-        self.model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+        # use_safetensors: never fall back to a pickled pytorch_model.bin.
+        self.model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
         self.model.train()
         t = config.training
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         self.ref_model = None
         if t.kl_coef > 0:
-            self.ref_model = LlamaForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
+            self.ref_model = LlamaForCausalLM.from_pretrained(base_model, dtype=torch.float32, use_safetensors=True).eval()
         if checkpoint:
             self.optimizer.load_state_dict(load_optimizer_state(checkpoint))
             self.progress = Progress(**json.loads((checkpoint / "progress.json").read_text()))
+            generator_state = load_generator_state(checkpoint)
+            if generator_state is not None:
+                self.generator.set_state(generator_state)
             log.info("resumed from %s at step %d (policy v%d)", checkpoint, self.progress.next_step, self.progress.policy_version)
+        for path in discard_unreported_versions(self.paths.weights, self.progress.policy_version):
+            log.warning("discarded %s: published after the last checkpoint and never reported", path)
         self.channel = grpc.insecure_channel(
             scheduler_address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
@@ -113,13 +131,16 @@ class Trainer:
         while not stop.is_set():
             request = pb.BatchRequest(trainer_id=self.trainer_id, step=step, wait_s=5.0, max_groups_per_chunk=64)
             try:
-                groups, header = [], None
+                groups, header, first_chunk_at = [], None, None
                 for chunk in self.stub.StreamBatch(request, metadata=self.call_metadata, timeout=60):
+                    # The scheduler streams only once the step is complete, so
+                    # from the first chunk on the wait is pure transfer.
+                    first_chunk_at = first_chunk_at or time.perf_counter()
                     header = chunk
                     groups.extend(
                         {
                             "question_id": g.question_id, "temperature": g.temperature, "level": g.level,
-                            "policy_version": g.policy_version,
+                            "policy_version": g.policy_version, "replica_id": g.replica_id,
                             "samples": [
                                 {"prompt_token_ids": list(s.prompt_token_ids), "response_token_ids": list(s.response_token_ids),
                                  "reward": s.reward}
@@ -130,11 +151,18 @@ class Trainer:
                     )
                 if header is None or len(groups) != header.total_groups:
                     raise RuntimeError(f"step {step}: stream ended with {len(groups)} groups of {header and header.total_groups}")
-                return {"step": header.step, "temperature": header.temperature, "policy_version": header.policy_version, "groups": groups}
+                return {"step": header.step, "temperature": header.temperature, "policy_version": header.policy_version,
+                        "groups": groups, "transfer_s": time.perf_counter() - first_chunk_at}
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     stop.wait(0.05)
                     continue
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "already trained" in (exc.details() or ""):
+                    raise TrainingStopped(
+                        f"the checkpoint resumes at step {step}, but the scheduler says: {exc.details()}. The updates "
+                        f"of the steps in between were reported but never checkpointed and are lost; keep "
+                        f"training.checkpoint_every = 1 (the default) for restarts without loss"
+                    ) from exc
                 raise
         return None
 
@@ -169,6 +197,9 @@ class Trainer:
         timings = {}
         started = time.perf_counter()
         tensors = build_batch(batch["groups"], self.pad_id)
+        if step in self.config.fault.nan_steps:
+            log.warning("step %d: fault injection (fault.nan_steps): advantages set to NaN", step)
+            tensors.advantages.fill_(float("nan"))
         result = grpo_update(
             self.model, self.optimizer, tensors,
             mini_batches=t.mini_batches, micro_batch=t.micro_batch, clip_low=t.clip_low, clip_high=t.clip_high,
@@ -190,9 +221,13 @@ class Trainer:
             self.progress.bad_steps = 0
 
         started = time.perf_counter()
-        version = self.progress.policy_version + (0 if result.skipped else 1)
+        # A non-finite value in a later mini-batch stops the update after earlier
+        # optimizer steps changed the weights: those are published as a new
+        # version, so the replicas always sample from the weights trained here.
+        changed = result.optimizer_steps > 0
+        version = self.progress.policy_version + int(changed)
         weights = version_dir(self.paths.weights, version)
-        if not result.skipped:
+        if changed:
             weights = publish_policy(self.model, self.base_model, self.paths.weights, version)
         timings["publish"] = time.perf_counter() - started
 
@@ -208,7 +243,7 @@ class Trainer:
         loss = result.loss if math.isfinite(result.loss) else 0.0
         report = {
             "step": step, "entropy": entropy, "loss": loss, "new_policy_version": version,
-            "weights_path": str(weights.resolve()) if not result.skipped else "", "skipped": result.skipped,
+            "weights_path": str(weights.resolve()) if changed else "", "skipped": result.skipped,
             "metrics": {
                 "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else -1.0,
                 "clip_fraction": result.clip_fraction, "approx_kl": result.approx_kl,
@@ -222,6 +257,8 @@ class Trainer:
             "rollouts": tensors.num_samples,
             "tokens": tensors.num_response_tokens, "mean_reward": float(tensors.rewards.mean()),
             "group_sizes": tensors.group_sizes, "group_levels": tensors.levels, "outcomes": outcomes,
+            "question_ids": [g["question_id"] for g in batch["groups"]],
+            "replica_ids": [g.get("replica_id", "") for g in batch["groups"]],
             "grad_norm": result.grad_norm, "clip_fraction": result.clip_fraction, "timings": timings,
         } | validation
         return report, record
@@ -230,7 +267,11 @@ class Trainer:
 
     def run(self, stop) -> None:
         if self.progress.pending_report is not None:
-            self._acknowledge(self.send_report(self.progress.pending_report), None)
+            log.info("re-sending the report of step %d, checkpointed before the last exit", self.progress.pending_report["step"])
+            record = self.progress.pending_record
+            if record is not None and record["step"] in self._recorded_steps():
+                record = None  # the last run wrote its line before it stopped
+            self._acknowledge(self.send_report(self.progress.pending_report), record)
         t = self.config.training
         if self.progress.next_step == 0 and not self.paths.metrics.exists():
             # The base policy's accuracy, so every run shows where it started.
@@ -245,15 +286,21 @@ class Trainer:
                 break
             wait_s = time.perf_counter() - waited
             report, record = self.train_step(step, batch)
-            record["timings"]["wait"] = wait_s
+            # "transfer" is the tail of "wait": the batch streaming in.
+            record["timings"] |= {"wait": wait_s, "transfer": batch["transfer_s"]}
             self.progress.next_step = step + 1
             self.progress.policy_version = report["new_policy_version"]
             self.progress.rollouts_trained += record["rollouts"]
             self.progress.tokens_trained += record["tokens"]
-            self.progress.pending_report = report
+            self.progress.pending_report, self.progress.pending_record = report, record
+            started = time.perf_counter()
             if (step + 1) % t.checkpoint_every == 0 or step + 1 >= t.steps:
-                save_checkpoint(self.paths.checkpoints, self.model, self.optimizer, self.base_model, vars(self.progress))
+                save_checkpoint(self.paths.checkpoints, self.model, self.optimizer, self.base_model, vars(self.progress),
+                                generator=self.generator)
+            record["timings"]["checkpoint"] = time.perf_counter() - started
+            started = time.perf_counter()
             ack = self.send_report(report)
+            record["timings"]["report"] = time.perf_counter() - started
             self._acknowledge(ack, record)
             if ack.finished:
                 break
@@ -277,5 +324,12 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
             if self.metrics:
                 self.metrics.observe(record)
-        self.progress.pending_report = None
+        self.progress.pending_report = self.progress.pending_record = None
         self.status.update(step=self.progress.next_step, policy_version=self.progress.policy_version)
+
+    def _recorded_steps(self) -> set[int]:
+        """Steps that already have a train line in metrics.jsonl."""
+        if not self.paths.metrics.exists():
+            return set()
+        with self.paths.metrics.open() as f:
+            return {r["step"] for r in map(json.loads, filter(str.strip, f)) if r.get("phase") == "train"}

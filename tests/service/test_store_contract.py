@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from e3.core.difficulty import QuestionStats
-from e3.store import MemoryStore, RedisStore, RedisUnavailable, SnapshotError, StepAlreadyPlanned, open_store
+from e3.store import MemoryStore, RedisStore, RedisUnavailable, SnapshotError, StepAlreadyPlanned, StoreUnavailable, open_store
 from e3.store import SubmitOutcome, TaskRecord, TaskStatus
 from redis_server import RedisServer, free_port, redis_server_binary
 
@@ -208,6 +208,19 @@ def test_drop_step_forgets_tasks_and_groups_but_keeps_statistics(store):
     store.plan_step(1, make_tasks(1, 1))  # a dropped step is forgotten entirely
 
 
+def test_release_requeues_only_that_replicas_leases(store):
+    store.plan_step(1, make_tasks(1, 5))
+    store.lease("dead", 2, now=0.0, lease_s=60.0)  # t1-0, t1-1
+    store.lease("alive", 1, now=1.0, lease_s=60.0)  # t1-2
+    assert [(t.task_id, t.leased_by) for t in store.leases()] == [("t1-0", "dead"), ("t1-1", "dead"), ("t1-2", "alive")]
+    assert store.release("dead") == ["t1-0", "t1-1"]
+    assert store.release("nobody") == [] and store.counters().lease_expiries == 0
+    assert [t.task_id for t in store.leases()] == ["t1-2"]
+    back = store.task("t1-0")
+    assert (back.status, back.lease_id, back.leased_by) == (TaskStatus.PENDING, "", "")
+    assert [t.task_id for t in drain(store, replica="alive")] == ["t1-0", "t1-1", "t1-3", "t1-4"]
+
+
 def test_concurrent_leases_give_each_task_to_one_replica(store):
     store.plan_step(1, make_tasks(1, 200))
     taken: dict[str, list[str]] = {}
@@ -342,6 +355,21 @@ def test_redis_keys_stay_under_their_namespace(redis_url):
     assert two.load_state() is None and two.queue_depth() == 0 and two.all_stats() == {}
     keys = one._r.keys("*")
     assert keys and all(k.startswith("one:") for k in keys)
+
+
+@needs_redis
+def test_redis_outage_mid_run_is_store_unavailable_then_heals(tmp_path):
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        store = RedisStore(server.url, namespace="outage", socket_timeout=1.0)
+        store.plan_step(1, make_tasks(1, 2))
+        server.stop()
+        with pytest.raises(StoreUnavailable, match=r"during queue_depth"):
+            store.queue_depth()
+        server.start()
+        assert store.queue_depth() == 2  # the same client reconnects by itself
+    finally:
+        server.stop()
 
 
 def test_unreachable_redis_raises_an_error_with_the_password_masked():

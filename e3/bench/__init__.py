@@ -1,0 +1,1 @@
+"""Benchmark helpers without processes: pass@k, aggregation over seeds, reports and plots."""

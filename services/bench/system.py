@@ -1,0 +1,105 @@
+"""`make bench-system`: how fast the services are, and how much they add over vLLM and the disk.
+
+    python -m services.bench.system [--quick] [--out bench/results] [--only generation,anatomy,weight-sync,scheduler]
+
+Four measurements, one after another (never side by side: two cores), each
+described in its module: generation throughput against offline vLLM
+(throughput.py), the default run's step anatomy (anatomy.py), weight sync
+for 1M, 10M and 50M-parameter models against the disk (weight_sync.py),
+and the scheduler's planning and submission rates (scheduler_speed.py).
+Writes system.json and system.md; scratch runs go under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from e3.bench.system_report import system_markdown
+from services.bench.common import provenance, write_json, write_text
+
+console = Console(stderr=True)
+SECTIONS = ("generation", "anatomy", "weight-sync", "scheduler")
+
+
+@dataclass(frozen=True)
+class SystemSize:
+    gen_batch: int = 256
+    gen_n: int = 8
+    gen_steps: int = 3
+    sync_sizes: tuple[str, ...] = ("1M", "10M", "50M")
+    syncs: int = 5
+    replicas: int = 1
+    tracked: int = 100_000
+    plan_batches: tuple[int, ...] = (64, 1024)
+    submit_batch: int = 1024
+    submit_steps: int = 2
+    min_seconds: float = 3.0
+    min_repeats: int = 5
+
+
+QUICK = SystemSize(gen_batch=32, gen_n=4, gen_steps=1, sync_sizes=("1M",), syncs=2, tracked=100_000,
+                   submit_batch=64, submit_steps=1, min_seconds=0.2, min_repeats=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.bench.system", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the CI smoke size")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results, or runs/bench-quick with --quick)")
+    parser.add_argument("--work", type=Path, help="scratch folder (default runs/bench-system[-quick])")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    parser.add_argument("--replicas", type=int, help="generation replicas for the weight-sync measurement (default 1)")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    if not only or any(s not in SECTIONS for s in only):
+        parser.error(f"--only: choose from {', '.join(SECTIONS)}; got {args.only!r}")
+    size = QUICK if args.quick else SystemSize()
+    out = args.out or Path("runs/bench-quick" if args.quick else "bench/results")
+    work = (args.work or Path("runs/bench-system-quick" if args.quick else "runs/bench-system")).resolve()
+    if work.exists():
+        shutil.rmtree(work)  # scratch of an earlier benchmark
+    work.mkdir(parents=True)
+
+    from e3.model.base import ensure_base_model
+
+    results: dict = provenance("services.bench.system") | {"benchmark": "system"}
+    began = time.monotonic()
+    base_model = ensure_base_model(args.artifacts).resolve()
+    if "generation" in only:
+        from services.bench.throughput import measure_throughput
+
+        console.print("[bold]generation[/bold]: service vs offline vLLM")
+        results["generation"] = measure_throughput(base_model, work / "generation", size.gen_batch, size.gen_n, size.gen_steps)
+    if "anatomy" in only:
+        from services.bench.anatomy import measure_anatomy
+
+        console.print("[bold]step anatomy[/bold] of the default run")
+        results["anatomy"] = measure_anatomy(work / "anatomy", args.quick)
+    if "weight-sync" in only:
+        from services.bench.weight_sync import measure_weight_sync
+
+        console.print(f"[bold]weight sync[/bold] for {', '.join(size.sync_sizes)}")
+        results["weight_sync"] = measure_weight_sync(work / "weight-sync", list(size.sync_sizes), size.syncs,
+                                                     args.replicas or size.replicas)
+    if "scheduler" in only:
+        from services.bench.scheduler_speed import measure_scheduler
+
+        console.print(f"[bold]scheduler[/bold] over {size.tracked:,} questions")
+        results["scheduler"] = measure_scheduler(size.tracked, list(size.plan_batches), size.submit_batch,
+                                                 size.submit_steps, size.min_seconds, size.min_repeats)
+    results["wall_s"] = {"total": round(time.monotonic() - began, 1)}
+    write_json(out / "system.json", results)
+    write_text(out / "system.md", system_markdown(results))
+    console.print(f"[bold]system benchmark done[/bold] in {results['wall_s']['total'] / 60:.1f} min: "
+                  f"{out / 'system.md'}, {out / 'system.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
