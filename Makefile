@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-unit base-model stubs clean compose-check k8s-check
+.PHONY: bench-learning bench-learning-quick bench-system bench-system-quick
 
 setup:
 	@bash scripts/bootstrap.sh $(VENV)
@@ -29,6 +30,20 @@ compose-check: setup
 
 k8s-check: setup
 	@$(PY) scripts/k8s_check.py
+
+# Benchmarks (docs in services/bench/learning.py and system.py); results land in bench/results/.
+# The -quick targets are the CI smoke sizes and write to runs/bench-quick/ instead.
+bench-learning: setup base-model
+	@$(PY) -m services.bench.learning $(BENCH_ARGS)
+
+bench-learning-quick: setup base-model
+	@$(PY) -m services.bench.learning --quick $(BENCH_ARGS)
+
+bench-system: setup base-model
+	@$(PY) -m services.bench.system $(BENCH_ARGS)
+
+bench-system-quick: setup base-model
+	@$(PY) -m services.bench.system --quick $(BENCH_ARGS)
 
 stubs: setup
 	@$(PY) -m e3.contracts.build

@@ -41,6 +41,8 @@ def _run(args) -> int:
         console.print(f"validation accuracy {summary['base_val_accuracy']:.3f} -> {summary['final_val_accuracy']:.3f}")
         for key, base in summary["base_by_level"].items():
             console.print(f"  level {key.removeprefix('val_accuracy_L')}: {base:.3f} -> {summary['final_by_level'].get(key, float('nan')):.3f}")
+    if summary.get("base_train_accuracy") is not None:
+        console.print(f"accuracy on the training questions {summary['base_train_accuracy']:.3f} -> {summary['final_train_accuracy']:.3f}")
     console.print(f"run directory: {run_dir} (metrics.jsonl, plots/, final-model/, logs/)")
     return 0
 

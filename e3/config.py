@@ -26,7 +26,7 @@ class DataConfig(_Section):
     """Which questions to train and validate on."""
 
     task: Literal["arithmetic", "math"] = "arithmetic"
-    train_size: int = Field(2000, ge=1, description="arithmetic: training questions generated")
+    train_size: int = Field(256, ge=1, description="arithmetic: training questions generated (256 = 8 steps per epoch)")
     valid_size: int = Field(250, ge=1, description="arithmetic: validation questions generated")
     seed: int = 0
     math_train_path: str = "../shared/data/e3-math/train.parquet"
@@ -68,7 +68,7 @@ class TemperatureSettings(_Section):
 class TrainingConfig(_Section):
     """GRPO settings (E3.md section 3) and the run's length."""
 
-    steps: int = Field(12, ge=1)
+    steps: int = Field(24, ge=1, description="24 steps = 3 epochs of the default data, as in the paper")
     batch_questions: int = Field(32, ge=1, description="B: questions per step")
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)

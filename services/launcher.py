@@ -255,6 +255,8 @@ def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
         "final_val_accuracy": evals[-1]["val_accuracy"] if evals else None,
         "base_by_level": {k: v for k, v in evals[0].items() if k.startswith("val_accuracy_L")} if evals else {},
         "final_by_level": {k: v for k, v in evals[-1].items() if k.startswith("val_accuracy_L")} if evals else {},
+        "base_train_accuracy": evals[0].get("train_accuracy") if evals else None,
+        "final_train_accuracy": evals[-1].get("train_accuracy") if evals else None,
         "final_temperature": train[-1]["next_temperature"] if train else None,
         "entropy_target": train[-1].get("entropy_target") if train else None,
         "final_model": str(run_dir / "final-model"),

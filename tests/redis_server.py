@@ -3,7 +3,9 @@
 Tests never touch a Redis the machine already runs (port 6379): each server
 here binds 127.0.0.1 on a free port and keeps its files in a temp directory.
 With `appendonly=True` it writes an AOF there, so a test can stop it and
-start it again on the same directory and port to prove data survives.
+start it again on the same directory and port to prove data survives;
+`appendfsync="always"` makes every write durable even through `kill()`.
+`password` starts it with --requirepass.
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None,
+                 appendfsync: str = "everysec", password: str | None = None) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError(f"no redis-server at {REDIS_SERVER} or on PATH")
         self.binary = binary
         self.directory = Path(directory)
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.password = password
         self.port = port or free_port()
         self._proc: subprocess.Popen | None = None
 
@@ -62,10 +67,11 @@ class RedisServer:
             "--logfile", str(self.log),
             "--save", "",  # no RDB dumps: durability, when wanted, comes from the AOF
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--daemonize", "no",
-        ]
+        ] + (["--requirepass", self.password] if self.password else [])
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, password=self.password)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -95,6 +101,15 @@ class RedisServer:
             proc.kill()
             proc.wait()
         if proc.stderr is not None:
+            proc.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to flush anything."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc is not None and proc.stderr is not None:
             proc.stderr.close()
 
     def _log_tail(self) -> str:

@@ -60,7 +60,7 @@ def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> lis
         xs = [s["step"] for s in steps]
         _band(top, xs, [s["entropy"] for s in steps], _colour(name, i), arm["label"])
         targets = [(s["step"], s["entropy_target"]["mean"]) for s in steps if s["entropy_target"]]
-        if targets:
+        if targets and arm.get("temperature_control", True):  # an uncontrolled arm's target steers nothing
             top.plot(*zip(*targets), "--", color=_colour(name, i), linewidth=1)
         _band(bottom, xs, [s["temperature"] for s in steps], _colour(name, i), arm["label"])
     top.set(ylabel="mean token entropy (nats)", title="Entropy (dashed: controller target) and sampling temperature")

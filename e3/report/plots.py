@@ -49,7 +49,10 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
     levels = sorted({k.removeprefix("val_accuracy_L") for r in evals for k in r if k.startswith("val_accuracy_L")}, key=int)
     for level in levels:
         ax.plot(x, [r.get(f"val_accuracy_L{level}") for r in evals], "-.", marker=".", label=f"level {level}")
-    ax.set(xlabel="steps trained", ylabel="validation accuracy (greedy)", title="Validation accuracy by level", ylim=(-0.02, 1.02))
+    practice = [(r["step"] + 1, r["train_accuracy"]) for r in evals if "train_accuracy" in r]
+    if practice:
+        ax.plot(*zip(*practice), "k:", marker="s", label="training questions (all)")
+    ax.set(xlabel="steps trained", ylabel="accuracy (greedy)", title="Validation accuracy by level", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, ncol=2)
     written.append(_save(fig, out_dir / "validation_accuracy.png"))
 

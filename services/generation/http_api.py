@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.generation.metrics import GenerationMetrics, ReplicaState
@@ -23,7 +24,7 @@ def create_app(state: ReplicaState, metrics: GenerationMetrics) -> FastAPI:
         # The pid lets a supervisor (and the tests) tell a reload from a restart.
         return {"status": "ok", "replica": metrics.replica_id, "pid": os.getpid()}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready yet (a probe answer, not a failure)"}})
     async def readyz(response: Response) -> dict:
         # Ready means: worth sending work to. A replica on an old policy would
         # only produce groups the scheduler refuses as stale.
@@ -32,7 +33,7 @@ def create_app(state: ReplicaState, metrics: GenerationMetrics) -> FastAPI:
             response.status_code = 503
         return body
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -20,12 +20,14 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi.responses import PlainTextResponse
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from e3.verify import VERIFIERS, Verdict, VerifierPool
 from services.common.auth import http_bearer
+from services.common.http_guard import reject_unknown_query
 from services.reward.metrics import RewardMetrics
 from services.reward.settings import RewardSettings
 
@@ -97,12 +99,13 @@ def create_app(settings: RewardSettings) -> FastAPI:
         finally:
             service.close()
 
-    app = FastAPI(title="e3 reward", lifespan=lifespan)
+    app = FastAPI(title="e3 reward", lifespan=lifespan, dependencies=[Depends(reject_unknown_query)])
     app.state.service = service
 
     @app.post(
         "/v1/score", response_model=ScoreResponse, dependencies=[Depends(http_bearer(settings.api_token))],
-        responses={401: {"description": "missing or wrong bearer token"}, 503: {"description": "workers still starting"}},
+        responses={400: {"description": "the body is not JSON"}, 401: {"description": "missing or wrong bearer token"},
+                   503: {"description": "workers still starting"}},
     )
     async def score(request: ScoreRequest) -> ScoreResponse:
         if len(request.items) > settings.max_batch:
@@ -130,7 +133,7 @@ def create_app(settings: RewardSettings) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready yet (a probe answer, not a failure)"}})
     async def readyz(response: Response) -> dict:
         pool = service.pool
         alive = 0 if pool is None else pool.alive
@@ -139,7 +142,7 @@ def create_app(settings: RewardSettings) -> FastAPI:
             response.status_code = 503
         return {"ready": ready, "workers_alive": alive, "workers": settings.workers}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

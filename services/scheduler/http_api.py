@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from e3.store import StoreUnavailable
 from services.common.auth import http_bearer
-from services.scheduler.engine import SchedulerEngine, SchedulerError
+from services.common.http_guard import reject_unknown_query
+from services.scheduler.engine import SchedulerEngine
 from services.scheduler.metrics import SchedulerMetrics
 
 NOT_FOUND = {404: {"description": "no such question or step"}}
@@ -95,6 +96,7 @@ def create_app(
         version="1",
         description="State of an E3 run: step, temperature, rollout budgets and per-question difficulty.",
         responses=UNAVAILABLE,
+        dependencies=[Depends(reject_unknown_query)],
     )
     writer = [Depends(http_bearer(token))]
     reader = [] if read_open else writer
@@ -159,23 +161,20 @@ def create_app(
         """Put every task the replica holds back in the queue now, instead of
         waiting for its leases to expire (say, its pod is known to be gone).
         A late submission from it is still accepted if nobody finished the task first."""
-        try:
-            return Released(replica_id=replica_id, task_ids=engine.release(replica_id))
-        except SchedulerError as exc:
-            raise HTTPException(422, str(exc)) from exc
+        return Released(replica_id=replica_id, task_ids=engine.release(replica_id))
 
     @app.get("/healthz")
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready yet (a probe answer, not a failure)"}})
     def readyz(response: Response) -> dict:
         if not ready():
             response.status_code = 503
             return {"status": "starting"}
         return {"status": "ready", "step": engine.step}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

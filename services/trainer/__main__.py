@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     http.start()
     try:
         valid = load_split(config.data, "valid", base_dir=Path.cwd())
-        trainer = Trainer(config, Path(config.base_model), args.scheduler, valid, metrics=metrics, status=status)
+        practice = load_split(config.data, "train", base_dir=Path.cwd())[: len(valid)]
+        trainer = Trainer(config, Path(config.base_model), args.scheduler, valid, metrics=metrics, status=status,
+                          practice=practice)
         trainer.run(stop)
     except DatasetError as exc:
         log.error("cannot start: %s", exc)

@@ -83,10 +83,14 @@ class Progress:
 
 class Trainer:
     def __init__(self, config: E3Config, base_model: Path, scheduler_address: str, valid: list[Question],
-                 metrics=None, trainer_id: str = "trainer-0", status: dict | None = None) -> None:
+                 metrics=None, trainer_id: str = "trainer-0", status: dict | None = None,
+                 practice: list[Question] | None = None) -> None:
         self.config = config
         self.base_model = base_model
         self.valid = valid
+        # A fixed slice of the training questions: how well the policy does on
+        # what it practises, beside how well that carries over to `valid`.
+        self.practice = practice or []
         self.metrics = metrics
         self.trainer_id = trainer_id
         self.paths = TrainerPaths(Path(config.run_dir))
@@ -190,7 +194,15 @@ class Trainer:
         for q in self.valid:
             counts[q.level] = counts.get(q.level, 0) + 1
         overall = sum(by_level[level] * counts[level] for level in by_level) / sum(counts.values())
-        return {"val_accuracy": overall} | {f"val_accuracy_L{level}": acc for level, acc in by_level.items()}
+        result = {"val_accuracy": overall} | {f"val_accuracy_L{level}": acc for level, acc in by_level.items()}
+        if self.practice:
+            practice = accuracy_of(self.model, self.tokenizer, self.practice)
+            sizes = {}
+            for q in self.practice:
+                sizes[q.level] = sizes.get(q.level, 0) + 1
+            result["train_accuracy"] = sum(practice[lv] * sizes[lv] for lv in practice) / len(self.practice)
+            self.model.train()
+        return result
 
     def train_step(self, step: int, batch: dict) -> tuple[dict, dict]:
         t = self.config.training
