@@ -33,6 +33,11 @@ def system_markdown(results: dict) -> str:
         out += _table(["path", "rollouts", "tokens", "seconds", "tokens/s"], [
             [name, f"{g[name]['rollouts']:,}", f"{g[name]['tokens']:,}", f"{g[name]['seconds']:.2f}",
              f"{g[name]['tokens_per_s']:,.0f}"] for name in ("service", "offline")])
+        split = g["service"].get("split_s")
+        if split:
+            out += ["", f"Inside the service's {g['service']['seconds']:.2f} s ({g['service']['leases']} leases): "
+                        f"sampling {split['generate_s']:.2f} s, scoring {split['score_s']:.2f} s, and "
+                        f"{split['other_s']:.2f} s for planning, lease polls, lease and submit calls."]
         verdict = "meets" if g["meets_target"] else "misses"
         out += ["", f"Service / offline = **{g['ratio']:.3f}**: the service adds {g['overhead']:.1%} "
                     f"({verdict} the target of under {g['target_overhead']:.0%})."]
@@ -52,12 +57,14 @@ def system_markdown(results: dict) -> str:
     if w:
         out += ["", "## Weight sync: trainer has new weights -> every replica serves them", "",
                 "Median over the syncs; total = publish (write) + scheduler hop and lease poll + in-place reload. "
-                "Disk = writing and reading back the same bytes in the same directory.", ""]
+                "Disk = writing and reading back the same bytes in the same directory without fsync, as publishing "
+                "does (mostly the page cache); with fsync for reference.", ""]
         out += _table(["model", "parameters", "bytes", "replicas", "total s", "publish s", "reload s", "disk write+read s",
-                       "total / disk"], [
+                       "total / disk", "with fsync s"], [
             [r["size"], f"{r['parameters']:,}", _mb(r["bytes"]), str(r["replicas"]), f"{r['sync_s']['total_s']:.3f}",
              f"{r['sync_s']['publish_s']:.3f}", f"{r['sync_s']['reload_s']:.3f}", f"{r['disk_s']['total_s']:.3f}",
-             f"{r['ratio_to_disk']:.1f}x" if r["ratio_to_disk"] else "–"] for r in w])
+             f"{r['ratio_to_disk']:.1f}x" if r["ratio_to_disk"] else "–", f"{r['disk_s']['fsync_total_s']:.3f}"]
+            for r in w])
     s = results.get("scheduler")
     if s:
         out += ["", f"## Scheduler over {s['tracked']:,} tracked questions", "",

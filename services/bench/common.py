@@ -51,6 +51,14 @@ def provenance(module: str) -> dict:
     }
 
 
+def shown_path(path: Path | str) -> str:
+    """Relative to the working directory when inside it, so committed results carry no home paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically; refuse NaN or infinity, which strict JSON readers reject."""
     if not is_finite_tree(data):

@@ -44,7 +44,7 @@ from e3.bench.learning_report import learning_markdown
 from e3.bench.plots import plot_learning
 from e3.config import load_config
 from e3.report.plots import read_metrics
-from services.bench.common import provenance, write_json, write_text
+from services.bench.common import provenance, shown_path, write_json, write_text
 
 console = Console(stderr=True)
 
@@ -137,16 +137,8 @@ def evaluate_all(size: Size, runs: dict[tuple[str, int], dict], base_model: Path
     reports = evaluate_models(models, questions, settings, dataset="arithmetic-valid")
     for report in reports:
         report.pop("per_question")  # per-question counts would swamp the results file
-        report["model"] = _shown(Path(report["model"]))
+        report["model"] = shown_path(Path(report["model"]))
     return reports[0], dict(zip(keys, reports[1:]))
-
-
-def _shown(path: Path) -> str:
-    """Relative to the working directory when inside it, so committed results carry no home paths."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def build_results(size: Size, arms: list[str], runs: dict, base_passk: dict, passk: dict) -> dict:
@@ -157,7 +149,7 @@ def build_results(size: Size, arms: list[str], runs: dict, base_passk: dict, pas
             info = runs[(arm, seed)]
             reduced = reduce_run(read_metrics(info["run_dir"] / "metrics.jsonl"))
             arm_runs.setdefault(arm, []).append(
-                {"seed": seed, "run_dir": _shown(info["run_dir"]), "wall_s": info["wall_s"],
+                {"seed": seed, "run_dir": shown_path(info["run_dir"]), "wall_s": info["wall_s"],
                  "pass_at_k": passk.get((arm, seed))} | reduced)
     summaries = {arm: summarize_arm(arm_runs[arm], size.ks) for arm in arms}
     return {
@@ -166,7 +158,7 @@ def build_results(size: Size, arms: list[str], runs: dict, base_passk: dict, pas
                                     "steps_per_epoch": size.train_size // size.batch_questions,
                                     "passk": {"samples": size.passk_samples, "ks": list(size.ks),
                                               "temperature": size.passk_temperature}},
-        "base_model": {"path": _shown(Path(base_passk["model"])) if base_passk else None, "pass_at_k": base_passk or None},
+        "base_model": {"path": shown_path(Path(base_passk["model"])) if base_passk else None, "pass_at_k": base_passk or None},
         "arms": {arm: {"label": ARMS[arm][0], "preset": ARMS[arm][1], "overrides": ARMS[arm][2],
                        "temperature_control": arm_config(arm, size, 0, Path(".")).temperature.control,
                        "allocation_mode": arm_config(arm, size, 0, Path(".")).allocation.mode,

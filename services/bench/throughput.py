@@ -24,7 +24,10 @@ import os
 import time
 from pathlib import Path
 
+import httpx
+
 from e3.config import load_config
+from services.bench.common import shown_path
 from services.bench.harness import NullTrainer, response_tokens
 from services.generation.__main__ import replica_seed
 
@@ -47,6 +50,15 @@ def _service_steps(config, run_dir: Path, steps: int) -> tuple[list[dict], list[
             timed.append({"step": step, "seconds": done - start, "tokens": response_tokens(groups),
                           "rollouts": sum(len(g.samples) for g in groups)})
             prompts.append([list(g.samples[0].prompt_token_ids) for g in groups])
+        trainer.report(steps, 0)  # so the last timed step has a report entry too
+        # Where the service's time went: the replicas' own sampling and scoring seconds per step.
+        reports = httpx.get(f"{running.url('scheduler_http')}/v1/reports", params={"limit": 64}, timeout=10).json()
+        inside = {e["step"]: e.get("generation") or {} for e in reports}
+        for entry in timed:
+            replicas = inside.get(entry["step"], {}).values()
+            entry["generate_s"] = max((g["generate_s"] for g in replicas), default=0.0)
+            entry["score_s"] = max((g["score_s"] for g in replicas), default=0.0)
+            entry["leases"] = sum(g["leases"] for g in replicas)
     finally:
         trainer.close()
         running.stack.stop()
@@ -96,9 +108,12 @@ def measure_throughput(base_model: Path, work_dir: Path, batch_questions: int, n
     service, prompts = _service_steps(config, work_dir / "stack", steps)
     offline = _offline_steps(config, replica_seed(config.training.seed, "gen-0"), prompts)
     service_rate, offline_rate = _rate(service), _rate(offline)
+    service_rate["split_s"] = {key: sum(s[key] for s in service) for key in ("generate_s", "score_s")}
+    service_rate["split_s"]["other_s"] = service_rate["seconds"] - sum(service_rate["split_s"].values())
+    service_rate["leases"] = sum(s["leases"] for s in service)
     ratio = service_rate["tokens_per_s"] / offline_rate["tokens_per_s"]
     return {
-        "model": str(base_model), "batch_questions": batch_questions, "n": n, "steps": steps,
+        "model": shown_path(base_model), "batch_questions": batch_questions, "n": n, "steps": steps,
         "max_tokens": config.training.max_tokens, "temperature": config.temperature.initial,
         "max_tasks_per_lease": config.generation.max_tasks_per_lease,
         "service": service_rate, "offline": offline_rate, "ratio": ratio, "overhead": 1 - ratio,

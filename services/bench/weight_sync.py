@@ -44,23 +44,31 @@ def _dir_bytes(path: Path) -> int:
 
 
 def disk_round_trip(directory: Path, nbytes: int, repeats: int) -> dict:
-    """Median seconds to write `nbytes` to a new file in `directory` and to read them back."""
+    """Median seconds to write `nbytes` to a new file in `directory` and to read them back.
+
+    `fsync_s` adds forcing the write to the device: not what publishing
+    does, but what the disk itself costs, for reference.
+    """
     payload = os.urandom(nbytes)  # random, so no layer can shortcut zeros
     path = directory / "disk-probe.bin"
-    writes, reads = [], []
+    writes, reads, syncs = [], [], []
     for _ in range(repeats):
         path.unlink(missing_ok=True)
         start = time.perf_counter()
         with path.open("wb") as f:
             f.write(payload)
-        writes.append(time.perf_counter() - start)
+            f.flush()
+            writes.append(time.perf_counter() - start)
+            os.fsync(f.fileno())
+            syncs.append(time.perf_counter() - start)
         start = time.perf_counter()
         with path.open("rb") as f:
             f.read()
         reads.append(time.perf_counter() - start)
     path.unlink(missing_ok=True)
     return {"write_s": statistics.median(writes), "read_s": statistics.median(reads),
-            "total_s": statistics.median(w + r for w, r in zip(writes, reads))}
+            "total_s": statistics.median(w + r for w, r in zip(writes, reads)),
+            "fsync_total_s": statistics.median(w + r for w, r in zip(syncs, reads))}
 
 
 def _wait_versions(urls: list[str], version: int, timeout_s: float = 120.0) -> float:

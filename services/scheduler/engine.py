@@ -12,6 +12,7 @@ rebuilt from it at any moment.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import threading
 import time
@@ -25,9 +26,10 @@ from e3.core.allocation import WideningSchedule
 from e3.core.curriculum import plan_step, steps_per_epoch
 from e3.core.difficulty import accuracy_ranks
 from e3.core.temperature import TemperatureConfig, TemperatureState, initial_state, observe_entropy
-from e3.store.base import Store, StepAlreadyPlanned, SubmitOutcome, TaskRecord
+from e3.store.base import Store, StepAlreadyPlanned, StoreUnavailable, SubmitOutcome, TaskRecord
 from e3.tasks.question import Question
 
+log = logging.getLogger("scheduler")
 ALLOCATION_HISTORY = 64  # steps whose allocation the HTTP API can still show
 
 
@@ -442,7 +444,12 @@ class SchedulerEngine:
                 self._plan(next_step, new)
             self.store.save_state(new)
             self.state = new
-            self.store.drop_step(step)
+            try:
+                self.store.drop_step(step)
+            except StoreUnavailable as exc:
+                # The step is adopted; its finished tasks only take space until the
+                # next restart drops them (SchedulerEngine.__init__).
+                log.warning("step %d adopted, but dropping its tasks failed: %s", step, exc)
             if self.observer:
                 if not new["finished"]:
                     self.observer.on_plan(new["allocations"][str(next_step)])

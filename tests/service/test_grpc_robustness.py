@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from e3.config import load_config
+from e3.core.temperature import TemperatureState, observe_entropy
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.store import MemoryStore, StoreUnavailable
@@ -205,3 +206,43 @@ def test_random_messages_get_a_deliberate_answer(server, task_id, replica, versi
             assert exc.details()
     # Leased fuzz tasks go back at once, so later examples see a fresh queue.
     server["engine"].store.release(replica)
+
+
+class FailingCommitStore(MemoryStore):
+    """Fails the next save_state: a store that dies at a report's commit point."""
+
+    fail_next_save = False
+
+    def save_state(self, state: dict) -> None:
+        if self.fail_next_save:
+            self.fail_next_save = False
+            raise StoreUnavailable("test store died while saving the state")
+        super().save_state(state)
+
+
+def test_a_report_cut_off_at_its_commit_is_applied_exactly_once_on_retry():
+    config = load_config(environ={}, data={"train_size": 4}, training={"batch_questions": 2, "steps": 5},
+                         allocation={"n": 2, "n_low": 1, "n_high": 3}, temperature={"init_steps": 0, "target_entropy": 1.0})
+    store = FailingCommitStore()
+    engine = SchedulerEngine(config, load_split(config.data, "train"), store, vocab_size=54)
+    grpc_server, port = start_grpc_server(engine, "127.0.0.1", 0, None, workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SchedulerStub(channel)
+            for task in stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=10)).tasks:
+                stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, replica_id="r", policy_version=0,
+                                                temperature=task.temperature, samples=samples(task)))
+            state_before = dict(engine.state)
+            report = pb.StepReport(step=0, entropy=0.5, new_policy_version=1, weights_path="/w/v1")
+            store.fail_next_save = True
+            assert refusal(lambda: stub.ReportStep(report)).code() == grpc.StatusCode.UNAVAILABLE
+            assert engine.state == state_before and store.load_state()["step"] == 0
+            once = stub.ReportStep(report)
+            again = stub.ReportStep(report)  # and a retry after success changes nothing
+    finally:
+        grpc_server.stop(grace=1).wait()
+    assert once == again and once.next_step == 1
+    expected = observe_entropy(engine.temperature_config, TemperatureState.from_dict(state_before["temperature"]), 0.5)
+    assert once.next_temperature == expected.temperature != state_before["temperature"]["temperature"]
+    assert store.load_state()["step"] == 1 and [r["step"] for r in engine.state["reports"]] == [0]
+    assert store.step_progress(0) == (0, 0) and store.step_progress(1)[1] == 2
