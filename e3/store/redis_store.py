@@ -103,34 +103,35 @@ end
 return out
 """
 
-# ARGV: prefix, now. Pushing from the last expired to the first leaves them
-# at the queue's front in expiry order.
-_EXPIRE = """
-local prefix = ARGV[1]
-local ids = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', ARGV[2])
+# Lua shared by _EXPIRE and _RELEASE: clear the leases of the tasks in `ids`
+# and put them back on the queue. Pushing from the last to the first leaves
+# them at the queue's front in their original order.
+_REQUEUE_IDS = """
 for i = #ids, 1, -1 do
   redis.call('ZREM', prefix .. 'leases', ids[i])
   redis.call('HSET', prefix .. 'task:' .. ids[i], 'status', 'pending', 'lease_id', '', 'leased_by', '',
              'lease_expires_at', '0.0')
   redis.call('LPUSH', prefix .. 'queue', ids[i])
 end
+"""
+
+# ARGV: prefix, now. Every expired lease, in expiry order.
+_EXPIRE = """
+local prefix = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', ARGV[2])
+""" + _REQUEUE_IDS + """
 if #ids > 0 then redis.call('HINCRBY', prefix .. 'counters', 'lease_expiries', #ids) end
 return ids
 """
 
-# ARGV: prefix, replica id. Like _EXPIRE, for every lease the replica holds.
+# ARGV: prefix, replica id. Every lease the replica holds.
 _RELEASE = """
 local prefix, replica = ARGV[1], ARGV[2]
 local ids = {}
 for _, id in ipairs(redis.call('ZRANGE', prefix .. 'leases', 0, -1)) do
   if redis.call('HGET', prefix .. 'task:' .. id, 'leased_by') == replica then ids[#ids + 1] = id end
 end
-for i = #ids, 1, -1 do
-  redis.call('ZREM', prefix .. 'leases', ids[i])
-  redis.call('HSET', prefix .. 'task:' .. ids[i], 'status', 'pending', 'lease_id', '', 'leased_by', '',
-             'lease_expires_at', '0.0')
-  redis.call('LPUSH', prefix .. 'queue', ids[i])
-end
+""" + _REQUEUE_IDS + """
 return ids
 """
 
