@@ -38,11 +38,16 @@ def _run(args) -> int:
     console = Console()
     console.print(f"[bold]run finished[/bold] in {summary['wall_s']:.0f}s: {summary['steps']} steps, {summary['rollouts']} rollouts")
     if summary["base_val_accuracy"] is not None:
-        console.print(f"validation accuracy {summary['base_val_accuracy']:.3f} -> {summary['final_val_accuracy']:.3f}")
+        v = summary.get("validation") or {}
+        console.print(f"validation pass@1 (mean of {v.get('samples')} samples at T = {v.get('temperature')}) "
+                      f"{summary['base_val_accuracy']:.3f} -> {summary['final_val_accuracy']:.3f}")
         for key, base in summary["base_by_level"].items():
             console.print(f"  level {key.removeprefix('val_accuracy_L')}: {base:.3f} -> {summary['final_by_level'].get(key, float('nan')):.3f}")
+    if summary.get("base_val_greedy_accuracy") is not None:
+        console.print(f"validation greedy accuracy {summary['base_val_greedy_accuracy']:.3f} -> "
+                      f"{summary['final_val_greedy_accuracy']:.3f}")
     if summary.get("base_train_accuracy") is not None:
-        console.print(f"accuracy on the training questions {summary['base_train_accuracy']:.3f} -> {summary['final_train_accuracy']:.3f}")
+        console.print(f"pass@1 on the RL questions {summary['base_train_accuracy']:.3f} -> {summary['final_train_accuracy']:.3f}")
     console.print(f"run directory: {run_dir} (metrics.jsonl, plots/, final-model/, logs/)")
     return 0
 

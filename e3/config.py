@@ -26,7 +26,7 @@ class DataConfig(_Section):
     """Which questions to train and validate on."""
 
     task: Literal["arithmetic", "math"] = "arithmetic"
-    train_size: int = Field(256, ge=1, description="arithmetic: training questions generated (256 = 8 steps per epoch)")
+    train_size: int = Field(960, ge=1, description="arithmetic: RL questions generated (960 = 15 steps of 64 per epoch)")
     valid_size: int = Field(250, ge=1, description="arithmetic: validation questions generated")
     seed: int = 0
     math_train_path: str = "../shared/data/e3-math/train.parquet"
@@ -68,15 +68,15 @@ class TemperatureSettings(_Section):
 class TrainingConfig(_Section):
     """GRPO settings (E3.md section 3) and the run's length."""
 
-    steps: int = Field(24, ge=1, description="24 steps = 3 epochs of the default data, as in the paper")
-    batch_questions: int = Field(32, ge=1, description="B: questions per step")
-    learning_rate: float = Field(1e-4, gt=0)
+    steps: int = Field(45, ge=1, description="45 steps = 3 epochs of the default data, as in the paper")
+    batch_questions: int = Field(64, ge=1, description="B: questions per step")
+    learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.28, ge=0)
     kl_coef: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    mini_batches: int = Field(2, ge=1, description="optimizer steps per training step")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per training step")
     micro_batch: int = Field(256, ge=1, description="sequences per forward/backward pass")
     max_tokens: int = Field(16, ge=1, description="longest response sampled")
     seed: int = 0
@@ -115,6 +115,8 @@ class SchedulerConfig(_Section):
 class GenerationConfig(_Section):
     replicas: int = Field(1, ge=1)
     max_tasks_per_lease: int = Field(64, ge=1)
+    leases_in_flight: int = Field(2, ge=1, le=16, description="leases a replica works on at once (sampling one while scoring another)")
+    lease_wait_s: float = Field(2.0, ge=0, le=5, description="long poll: how long the scheduler may hold an empty lease call")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kv_cache_gb: int = Field(1, ge=1)
     http_port: int = Field(8300, ge=0, le=65535, description="metrics/health port of the first replica")
@@ -155,7 +157,9 @@ class E3Config(_Section):
     base_model: str | None = Field(None, description="model directory; None builds the arithmetic base model")
     api_token: str | None = Field(None, repr=False, description="bearer token for mutating HTTP calls and all gRPC calls")
     api_read_open: bool = Field(True, description="with a token set: False makes HTTP reads (/v1/...) need it too")
-    validation_every: int = Field(4, ge=1)
+    validation_every: int = Field(5, ge=1)
+    validation_samples: int = Field(8, ge=1, description="samples per validation question for pass@1 (mean over samples)")
+    validation_temperature: float = Field(1.0, gt=0, description="fixed sampling temperature of the validation pass@1")
     data: DataConfig = DataConfig()
     allocation: AllocationConfig = AllocationConfig()
     temperature: TemperatureSettings = TemperatureSettings()

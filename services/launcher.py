@@ -227,10 +227,10 @@ def follow_training(running: RunningStack, run_dir: Path) -> list[dict]:
                     val = f"{r['val_accuracy']:.3f}"
                 if r.get("phase") == "train":
                     progress.update(task, completed=r["step"] + 1, status=(
-                        f"val acc {val} | entropy {r['entropy']:.3f} | T {r['next_temperature']:.3f} | "
+                        f"val pass@1 {val} | entropy {r['entropy']:.3f} | T {r['next_temperature']:.3f} | "
                         f"rollouts {r['rollouts_total']}"))
                 elif r.get("phase") == "baseline":
-                    progress.update(task, status=f"base val acc {val}")
+                    progress.update(task, status=f"base val pass@1 {val}")
             time.sleep(0.2)
     if trainer.process.returncode != 0:
         raise RuntimeError(f"trainer exited with code {trainer.process.returncode}; see {trainer.log_path}")
@@ -255,6 +255,9 @@ def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
         "final_val_accuracy": evals[-1]["val_accuracy"] if evals else None,
         "base_by_level": {k: v for k, v in evals[0].items() if k.startswith("val_accuracy_L")} if evals else {},
         "final_by_level": {k: v for k, v in evals[-1].items() if k.startswith("val_accuracy_L")} if evals else {},
+        "base_val_greedy_accuracy": evals[0].get("val_greedy_accuracy") if evals else None,
+        "final_val_greedy_accuracy": evals[-1].get("val_greedy_accuracy") if evals else None,
+        "validation": {"samples": config.validation_samples, "temperature": config.validation_temperature},
         "base_train_accuracy": evals[0].get("train_accuracy") if evals else None,
         "final_train_accuracy": evals[-1].get("train_accuracy") if evals else None,
         "final_temperature": train[-1]["next_temperature"] if train else None,

@@ -8,10 +8,18 @@ Format. The prompt is the bare expression followed by "=", e.g. "47*12=";
 the expected completion is the canonical decimal answer, e.g. "564", then the
 end token. Subtraction may be negative ("12-47=" -> "-35").
 
-Splits. Each level has a fixed finite pool of operand pairs. A pair belongs
-to "valid" when a SHA-256 hash of (level, a, b) falls in the lowest quarter,
-otherwise to "train", so the two splits can never share a question and the
-assignment does not depend on the seed, on Python's hash salt or on `count`.
+Splits. Each level has a fixed finite pool of operand pairs, cut by a
+SHA-256 hash of (level, a, b) into three disjoint parts: the lowest quarter
+of hash values is "valid" (held out), the second quarter "train" (the RL
+questions) and the upper half "sft" (the supervised warm-start's
+demonstrations). The assignment does not depend on the seed, on Python's
+hash salt or on `count`.
+
+Why RL does not train on the warm-start's questions: a 1M-parameter model
+memorises the answers it was shown, and RL on those same questions mostly
+sharpens the memorised ones (training accuracy rises, held-out accuracy does
+not move). On questions it has never seen, as with a real LLM and its RL
+data, what RL improves has to be the skill, and that carries over to "valid".
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ LEVELS: dict[int, str] = {
     5: "2-digit * 2-digit multiplication (47*12=)",
 }
 
-SPLITS = ("train", "valid")
+SPLITS = ("sft", "train", "valid")
 VALID_FRACTION = 0.25
+TRAIN_FRACTION = 0.25
 SOURCE = "arithmetic"
 # Id-safe spelling of each operator, so "arith-L3-12m47" never contains a "-"
 # that could be mistaken for a separator.
@@ -52,7 +61,10 @@ _INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 def _split_of(level: int, a: int, b: int) -> str:
     """Which split a pair belongs to; a pure function of the pair."""
     digest = hashlib.sha256(f"{level}:{a}:{b}".encode()).digest()
-    return "valid" if int.from_bytes(digest[:8], "big") < VALID_FRACTION * 2**64 else "train"
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    if position < VALID_FRACTION:
+        return "valid"
+    return "train" if position < VALID_FRACTION + TRAIN_FRACTION else "sft"
 
 
 def _compute(op: str, a: int, b: int) -> int:

@@ -14,12 +14,10 @@ size). The runs go one after another through the ordinary launcher
 runs side by side would only fight over the same cores and muddle each
 other's timings, and sharing one stack between runs would mean a scheduler
 that can restart mid-process, which the services do not offer. Each run
-pays about half a minute of vLLM start-up, so the size is cut where it
-costs least: 256 training questions, so that 24 steps of 32 questions
-cover three epochs as in the paper and E3's allocation has ranked
-questions to work with from the second epoch on (with the default 2,000
-questions an epoch is 62 steps and the allocator would stay uniform for
-the whole run). Seeds run in the outer loop, so an interrupted benchmark
+pays about half a minute of vLLM start-up. The size is the default run's:
+960 RL questions, so that 45 steps of 64 questions cover three epochs as
+in the paper and E3's allocation has ranked questions to work with from
+the second epoch on. Seeds run in the outer loop, so an interrupted benchmark
 still holds whole seeds of every arm, and `--resume` keeps finished runs.
 pass@k is measured at the end with one vLLM engine for all models: the
 base model starts it and every trained model is loaded into it in place.
@@ -60,15 +58,15 @@ REFERENCE_ARM = "grpo"
 
 @dataclass(frozen=True)
 class Size:
-    steps: int = 24
-    batch_questions: int = 32
-    train_size: int = 256
+    steps: int = 45
+    batch_questions: int = 64
+    train_size: int = 960
     valid_size: int = 250
     n: int = 8
     n_low: int = 4
     n_high: int = 12
     n_update: int = 2
-    validation_every: int = 2
+    validation_every: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     passk_samples: int = 16
     ks: tuple[int, ...] = (1, 2, 4, 8, 16)

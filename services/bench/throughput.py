@@ -109,7 +109,6 @@ def measure_throughput(base_model: Path, work_dir: Path, batch_questions: int, n
     offline = _offline_steps(config, replica_seed(config.training.seed, "gen-0"), prompts)
     service_rate, offline_rate = _rate(service), _rate(offline)
     service_rate["split_s"] = {key: sum(s[key] for s in service) for key in ("generate_s", "score_s")}
-    service_rate["split_s"]["other_s"] = service_rate["seconds"] - sum(service_rate["split_s"].values())
     service_rate["leases"] = sum(s["leases"] for s in service)
     ratio = service_rate["tokens_per_s"] / offline_rate["tokens_per_s"]
     return {

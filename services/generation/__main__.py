@@ -71,7 +71,8 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
         settings = WorkerSettings(
-            replica_id=args.replica_id, max_tasks=args.max_tasks, reward_url=args.reward_url, token=config.api_token
+            replica_id=args.replica_id, max_tasks=args.max_tasks, reward_url=args.reward_url, token=config.api_token,
+            leases_in_flight=gen.leases_in_flight, lease_wait_s=gen.lease_wait_s,
         )
         async with httpx.AsyncClient() as http:
             replica = Replica(engine, pb_grpc.SchedulerStub(channel), http, settings, metrics, state)

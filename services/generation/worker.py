@@ -1,9 +1,14 @@
 """The replica loop: lease tasks, sample them, score them, submit them, repeat.
 
-One lease at a time. Its tasks are sampled concurrently (vLLM batches them),
-all completions are scored in one call to the reward service, and each
-task's group is submitted on its own. Weights change only between leases,
-so every group of a lease is sampled with one policy version.
+Leases are pipelined: up to `leases_in_flight` leases are worked on at once,
+so vLLM samples the next lease while the previous one is scored and
+submitted, and its batch never drains between leases. Leasing is a long poll
+(`lease_wait_s`): with no task ready the scheduler holds the call and answers
+as soon as a step is planned, so a replica never sleeps through one. Each
+lease's tasks are sampled concurrently (vLLM batches them), its completions
+scored in one call to the reward service, and each group submitted on its own.
+Weights change only between leases, with no lease being sampled, so every
+group is sampled with one policy version.
 
 Nothing is lost when something fails: a group that is not submitted keeps
 its lease until the lease expires, and the scheduler then hands the task
@@ -45,6 +50,14 @@ class WorkerSettings:
     # Give up retrying this long before the earliest lease of a batch expires,
     # so a late submission does not race the scheduler re-queueing the task.
     lease_margin_s: float = 1.0
+    leases_in_flight: int = 2
+    lease_wait_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_tasks < 1 or self.leases_in_flight < 1:
+            raise ValueError(f"max_tasks ({self.max_tasks}) and leases_in_flight ({self.leases_in_flight}) must be >= 1")
+        if not 0 <= self.lease_wait_s < self.rpc_timeout_s:
+            raise ValueError(f"lease_wait_s must be in [0, rpc_timeout_s={self.rpc_timeout_s}), got {self.lease_wait_s}")
 
 
 class RewardError(Exception):
@@ -57,6 +70,36 @@ async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=max(seconds, 0.0))
     except asyncio.TimeoutError:
         pass
+
+
+class SharedClock:
+    """Splits wall time evenly among the activities running at each moment.
+
+    Two leases sampling side by side for one second get half a second each,
+    so the shares of a replica's leases add up to the wall time during which
+    it was sampling at all (what the step-anatomy report divides up), never
+    to more.
+    """
+
+    def __init__(self) -> None:
+        self._shares: dict[int, float] = {}
+        self._last = time.perf_counter()
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        if self._shares:
+            each = (now - self._last) / len(self._shares)
+            for key in self._shares:
+                self._shares[key] += each
+        self._last = now
+
+    def start(self, key: int) -> None:
+        self._advance()
+        self._shares[key] = 0.0
+
+    def stop(self, key: int) -> float:
+        self._advance()
+        return self._shares.pop(key)
 
 
 class Replica:
@@ -73,17 +116,31 @@ class Replica:
         self.settings, self.metrics, self.state = settings, metrics, state
         self.metadata = call_metadata(settings.token)
         self.auth_headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self.sampling_clock, self.scoring_clock = SharedClock(), SharedClock()
+        self._in_flight: set[asyncio.Task] = set()
 
     async def run(self, stop: asyncio.Event) -> str:
         """Work until `stop` is set; returns "finished" if the run ended first, else "stopped"."""
+        try:
+            return await self._lease_loop(stop)
+        finally:
+            # Not interrupted by `stop`: a SIGTERM lets the leased groups finish and be submitted.
+            await self._drain()
+
+    async def _lease_loop(self, stop: asyncio.Event) -> str:
         delay = sync_delay = FIRST_DELAY_S
         while not stop.is_set():
+            self._reap()
+            if len(self._in_flight) >= self.settings.leases_in_flight:
+                await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
                 reply = await self.stub.LeaseTasks(
                     pb.LeaseRequest(
                         replica_id=self.settings.replica_id,
                         max_tasks=self.settings.max_tasks,
                         policy_version=self.engine.loaded_version or 0,
+                        wait_s=self.settings.lease_wait_s,
                     ),
                     metadata=self.metadata,
                     timeout=self.settings.rpc_timeout_s,
@@ -98,6 +155,9 @@ class Replica:
             delay = FIRST_DELAY_S
             self.state.scheduler_version = reply.policy_version
             self._publish_versions()
+            if reply.policy_version != self.engine.loaded_version or reply.finished:
+                # New weights load with nothing being sampled: finish the leases in hand first.
+                await self._drain()
             if reply.finished:
                 # Serve the final policy and stay up (a server under an
                 # orchestrator must not exit by itself); SIGTERM ends it.
@@ -116,12 +176,24 @@ class Replica:
                 continue
             sync_delay = FIRST_DELAY_S
             if not reply.tasks:
-                await sleep_unless(stop, reply.retry_after_s or 0.2)
+                await sleep_unless(stop, reply.retry_after_s)
                 continue
-            # Not interrupted by `stop`: a SIGTERM lets the leased groups finish and be submitted.
-            await self.work(list(reply.tasks))
-        log.info("stopping on request; no lease is held")
+            task = asyncio.create_task(self.work(list(reply.tasks)), name=f"lease-{reply.tasks[0].lease_id}")
+            self._in_flight.add(task)
+        log.info("stopping on request; finishing %d leases in flight", len(self._in_flight))
         return "stopped"
+
+    def _reap(self) -> None:
+        """Forget finished leases; a lease that failed unexpectedly fails the replica."""
+        for task in [t for t in self._in_flight if t.done()]:
+            self._in_flight.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    async def _drain(self) -> None:
+        while self._in_flight:
+            await asyncio.wait(self._in_flight)
+            self._reap()
 
     def _publish_versions(self) -> None:
         self.state.loaded_version = self.engine.loaded_version
@@ -164,12 +236,15 @@ class Replica:
             # Sampling them would only earn a stale-version refusal.
             log.warning("tasks %s want a policy version other than %s; leaving them to expire", wrong, version)
         tasks = [t for t in tasks if t.policy_version == version]
-        begin = time.perf_counter()
-        results = await asyncio.gather(
-            *(self.engine.sample(t.prompt, t.num_samples, t.temperature, t.max_tokens) for t in tasks),
-            return_exceptions=True,
-        )
-        generate_s = time.perf_counter() - begin
+        key = id(tasks)
+        self.sampling_clock.start(key)
+        try:
+            results = await asyncio.gather(
+                *(self.engine.sample(t.prompt, t.num_samples, t.temperature, t.max_tokens) for t in tasks),
+                return_exceptions=True,
+            )
+        finally:
+            generate_s = self.sampling_clock.stop(key)
         sampled: list[tuple[pb.RolloutTask, list[Completion]]] = []
         for task, result in zip(tasks, results):
             if isinstance(result, BaseException):
@@ -180,13 +255,14 @@ class Replica:
         if not sampled:
             return
         deadline = min(t.lease_expires_at for t, _ in sampled) - self.settings.lease_margin_s
-        begin = time.perf_counter()
+        self.scoring_clock.start(key)
         try:
             verdicts = await self.score(sampled, deadline)
         except RewardError as exc:
             log.error("%s; not submitting %d groups, their leases will expire", exc, len(sampled))
             return
-        score_s = time.perf_counter() - begin
+        finally:
+            score_s = self.scoring_clock.stop(key)
         offset = 0
         submissions = []
         for task, completions in sampled:

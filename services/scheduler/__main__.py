@@ -78,6 +78,7 @@ def serve(argv: list[str] | None = None) -> None:
         serve_http(app, sc.host, http_port)
     finally:
         stop.set()
+        engine.close()
         server.stop(grace=5).wait()
         store.close()
         log.info("stopped at step %d", engine.step)

@@ -31,6 +31,13 @@ from e3.tasks.question import Question
 
 log = logging.getLogger("scheduler")
 ALLOCATION_HISTORY = 64  # steps whose allocation the HTTP API can still show
+# Long-poll leases (SchedulerEngine.lease): the longest wait granted, how often
+# a waiting call looks again, how many may wait at once (of the gRPC threads),
+# and the poll interval suggested to a caller that did not wait.
+MAX_LEASE_WAIT_S = 5.0
+LEASE_WAIT_SLICE_S = 0.25
+MAX_LEASE_WAITERS = 8
+POLL_AFTER_S = 0.2
 
 
 class SchedulerError(Exception):
@@ -143,6 +150,15 @@ class SchedulerEngine:
         )
         self._lock = threading.RLock()
         self._step_complete = threading.Condition(self._lock)
+        # Long-poll leases wait on their own condition, never holding the engine lock.
+        self._work_ready = threading.Condition()
+        self._work_signal = 0
+        self._lease_waiters = 0
+        self._closing = False
+        # The ranks change only when the report of an epoch's last step saves
+        # them; reading all of them from the store for every plan would cost a
+        # full hash read (100k questions: ~0.3 s on Redis) per step.
+        self._ranks: dict[str, float] | None = None
         # step -> lease -> (replica, generate_s, score_s); in memory only, for
         # the step reports' time split (a restart loses one step's figures).
         self._lease_seconds: dict[int, dict[str, tuple[str, float, float]]] = {}
@@ -187,6 +203,12 @@ class SchedulerEngine:
             return self.config.temperature.initial
         return TemperatureState.from_dict(state["temperature"]).temperature
 
+    def ranks(self) -> dict[str, float]:
+        """Every ranked question's rank (0 easiest .. 1 hardest), read from the store once and kept."""
+        if self._ranks is None:
+            self._ranks = self.store.ranks()
+        return self._ranks
+
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
@@ -210,7 +232,7 @@ class SchedulerEngine:
             self.config.data.shuffle,
             alloc.mode,
             self.schedule,
-            self.store.ranks(),
+            self.ranks(),
             self.priors,
         )
         temperature = self._temperature_of(state)
@@ -239,11 +261,44 @@ class SchedulerEngine:
 
     # ---- work for generation replicas -----------------------------------
 
-    def lease(self, replica_id: str, max_tasks: int) -> LeaseResult:
+    def lease(self, replica_id: str, max_tasks: int, wait_s: float = 0.0) -> LeaseResult:
+        """Up to `max_tasks` tasks of the current step, leased to `replica_id`.
+
+        With none ready, waits up to `wait_s` (capped at MAX_LEASE_WAIT_S) for
+        work to appear: a long poll, so a replica starts on a freshly planned
+        step at once instead of at its next poll. The wait is re-checked every
+        LEASE_WAIT_SLICE_S (expired leases re-queue lazily), and at most
+        MAX_LEASE_WAITERS calls wait at a time so they never take every gRPC thread.
+        """
         if not replica_id:
             raise SchedulerError("invalid_argument", "replica_id must be non-empty")
         if max_tasks < 1:
             raise SchedulerError("invalid_argument", f"max_tasks must be >= 1, got {max_tasks}")
+        if not (math.isfinite(wait_s) and wait_s >= 0):
+            raise SchedulerError("invalid_argument", f"wait_s must be a non-negative number, got {wait_s}")
+        deadline = time.monotonic() + min(wait_s, MAX_LEASE_WAIT_S)
+        waited = False
+        while True:
+            seen = self._work_signal
+            result = self._lease_once(replica_id, max_tasks)
+            remaining = deadline - time.monotonic()
+            if result.tasks or result.finished or remaining <= 0 or self._closing:
+                break
+            with self._work_ready:
+                if self._lease_waiters >= MAX_LEASE_WAITERS:
+                    break
+                self._lease_waiters += 1
+                try:
+                    self._work_ready.wait_for(lambda: self._work_signal != seen or self._closing,
+                                              timeout=min(remaining, LEASE_WAIT_SLICE_S))
+                finally:
+                    self._lease_waiters -= 1
+            waited = True
+        if not result.tasks and not result.finished:
+            result.retry_after_s = 0.0 if waited and time.monotonic() >= deadline else POLL_AFTER_S
+        return result
+
+    def _lease_once(self, replica_id: str, max_tasks: int) -> LeaseResult:
         now = self.clock()
         self.expire_leases(now)
         with self._lock:
@@ -252,13 +307,28 @@ class SchedulerEngine:
             return LeaseResult([], version, weights, True, 0.0)
         records = self.store.lease(replica_id, max_tasks, now, self.config.scheduler.lease_s)
         tasks = [LeasedTask(r, self.questions[r.question_id], self.config.training.max_tokens) for r in records]
-        return LeaseResult(tasks, version, weights, False, 0.0 if tasks else 0.2)
+        return LeaseResult(tasks, version, weights, False, 0.0)
+
+    def _signal_work(self) -> None:
+        """Wake long-polling lease calls: tasks were queued or re-queued, or the run finished."""
+        with self._work_ready:
+            self._work_signal += 1
+            self._work_ready.notify_all()
+
+    def close(self) -> None:
+        """Let waiting lease calls return now (the server is stopping)."""
+        with self._work_ready:
+            self._closing = True
+            self._work_ready.notify_all()
 
     def release(self, replica_id: str) -> list[str]:
         """Hand a replica's leased tasks back to the queue now (an operator knows it is gone)."""
         if not replica_id:
             raise SchedulerError("invalid_argument", "replica_id must be non-empty")
-        return self.store.release(replica_id)
+        released = self.store.release(replica_id)
+        if released:
+            self._signal_work()
+        return released
 
     def leases(self) -> list[dict]:
         """The leased tasks, earliest expiry first, with their holders."""
@@ -271,8 +341,10 @@ class SchedulerEngine:
 
     def expire_leases(self, now: float | None = None) -> int:
         expired = self.store.expire_leases(self.clock() if now is None else now)
-        if expired and self.observer:
-            self.observer.on_lease_expiries(len(expired))
+        if expired:
+            self._signal_work()
+            if self.observer:
+                self.observer.on_lease_expiries(len(expired))
         return len(expired)
 
     def submit(self, submission: Submission) -> tuple[SubmitOutcome, int, int]:
@@ -436,7 +508,9 @@ class SchedulerEngine:
             new["reports"] = (new["reports"] + [entry])[-ALLOCATION_HISTORY:]
             next_step = step + 1
             if self.config.allocation.rerank == "step" or next_step % self.steps_per_epoch == 0:
-                self.store.save_ranks(accuracy_ranks(self.question_ids, self.store.all_stats()))
+                ranks = accuracy_ranks(self.question_ids, self.store.all_stats())
+                self.store.save_ranks(ranks)
+                self._ranks = ranks
             new["step"] = next_step
             if next_step >= self.config.training.steps:
                 new["finished"] = True
@@ -450,6 +524,7 @@ class SchedulerEngine:
                 # The step is adopted; its finished tasks only take space until the
                 # next restart drops them (SchedulerEngine.__init__).
                 log.warning("step %d adopted, but dropping its tasks failed: %s", step, exc)
+            self._signal_work()
             if self.observer:
                 if not new["finished"]:
                     self.observer.on_plan(new["allocations"][str(next_step)])

@@ -53,7 +53,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     def LeaseTasks(self, request: pb.LeaseRequest, context) -> pb.LeaseReply:
         _require(bool(request.replica_id), "replica_id must be non-empty", context)
         _require(1 <= request.max_tasks <= MAX_LEASE, f"max_tasks must be in [1, {MAX_LEASE}], got {request.max_tasks}", context)
-        result = self._call(context, self.engine.lease, request.replica_id, request.max_tasks)
+        _require(math.isfinite(request.wait_s) and 0 <= request.wait_s <= MAX_WAIT_S,
+                 f"wait_s must be in [0, {MAX_WAIT_S:g}] seconds, got {request.wait_s}", context)
+        result = self._call(context, self.engine.lease, request.replica_id, request.max_tasks, request.wait_s)
         reply = pb.LeaseReply(
             policy_version=result.policy_version,
             weights_path=result.weights_path,

@@ -122,7 +122,7 @@ def create_app(
     def question(question_id: str) -> QuestionView:
         if question_id not in engine.questions:
             raise HTTPException(404, f"question_id {question_id!r} is not in the training set")
-        return question_view(question_id, engine.store.stats([question_id]), engine.store.ranks())
+        return question_view(question_id, engine.store.stats([question_id]), engine.ranks())
 
     @app.get("/v1/questions", response_model=list[QuestionView], dependencies=reader, responses=REFUSED)
     def questions(
@@ -132,7 +132,7 @@ def create_app(
     ) -> list[QuestionView]:
         """Questions by cumulative accuracy; ties broken by the number of attempts."""
         stats = engine.store.all_stats()
-        ranks = engine.store.ranks()
+        ranks = engine.ranks()
         ids = list(stats) if sampled_only else engine.question_ids
         ids = [q for q in ids if q in engine.questions]
         sign = 1 if order == "hardest" else -1

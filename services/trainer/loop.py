@@ -184,24 +184,26 @@ class Trainer:
     # ---- one step ----------------------------------------------------------
 
     def validate(self) -> dict[str, float]:
+        """Held-out accuracy: pass@1 as the paper measures it (the mean over samples) and greedy.
+
+        val_accuracy[_L<level>] is the mean over `validation_samples` samples
+        per question at `validation_temperature` (fixed, so it does not move
+        with the controller's T); val_greedy_accuracy is the greedy answer's.
+        train_accuracy is pass@1 on an equal number of the RL questions.
+        """
         if not self.valid or self.valid[0].verifier != "arithmetic":
             return {}
         from e3.model.evaluate import accuracy_of
 
-        by_level = accuracy_of(self.model, self.tokenizer, self.valid)
-        self.model.train()
-        counts = {}
-        for q in self.valid:
-            counts[q.level] = counts.get(q.level, 0) + 1
-        overall = sum(by_level[level] * counts[level] for level in by_level) / sum(counts.values())
-        result = {"val_accuracy": overall} | {f"val_accuracy_L{level}": acc for level, acc in by_level.items()}
+        c = self.config
+        sampling = {"samples": c.validation_samples, "temperature": c.validation_temperature, "seed": 0}
+        result = _by_level("val_accuracy", accuracy_of(self.model, self.tokenizer, self.valid, **sampling), self.valid)
+        greedy = _by_level("val_greedy_accuracy", accuracy_of(self.model, self.tokenizer, self.valid), self.valid)
+        result["val_greedy_accuracy"] = greedy["val_greedy_accuracy"]
         if self.practice:
-            practice = accuracy_of(self.model, self.tokenizer, self.practice)
-            sizes = {}
-            for q in self.practice:
-                sizes[q.level] = sizes.get(q.level, 0) + 1
-            result["train_accuracy"] = sum(practice[lv] * sizes[lv] for lv in practice) / len(self.practice)
-            self.model.train()
+            practice = accuracy_of(self.model, self.tokenizer, self.practice, **sampling)
+            result["train_accuracy"] = _by_level("train_accuracy", practice, self.practice)["train_accuracy"]
+        self.model.train()
         return result
 
     def train_step(self, step: int, batch: dict) -> tuple[dict, dict]:
@@ -345,3 +347,12 @@ class Trainer:
             return set()
         with self.paths.metrics.open() as f:
             return {r["step"] for r in map(json.loads, filter(str.strip, f)) if r.get("phase") == "train"}
+
+
+def _by_level(name: str, by_level: dict[int, float], questions: list[Question]) -> dict[str, float]:
+    """{name: overall, name_L<level>: per level}; overall weighs each level by its question count."""
+    counts: dict[int, int] = {}
+    for q in questions:
+        counts[q.level] = counts.get(q.level, 0) + 1
+    overall = sum(by_level[level] * counts[level] for level in by_level) / sum(counts[level] for level in by_level)
+    return {name: overall} | {f"{name}_L{level}": acc for level, acc in by_level.items()}

@@ -68,7 +68,11 @@ def test_report_states_size_time_seed_and_graded_competence(model_dir):
     # The middle is partly learned: better than the hardest, short of the easiest.
     for level in (2, 3, 4):
         assert acc[5] < acc[level] < acc[1], acc
-    assert 0.2 <= acc[2] <= 0.85, acc
+    assert 0.2 <= acc[2] <= 0.9, acc
+    # The noisy teacher leaves sampling well below greedy: the headroom RL sharpens away.
+    pass1 = {int(k): v for k, v in report["valid_pass1"].items()}
+    assert sorted(pass1) == [1, 2, 3, 4, 5]
+    assert sum(pass1.values()) < 0.85 * sum(acc.values()), (pass1, acc)
 
 
 def test_transformers_loads_the_model_and_reproduces_the_report(model_dir):

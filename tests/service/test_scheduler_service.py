@@ -189,3 +189,35 @@ def test_a_retried_report_is_applied_once(scheduler):
                                         new_policy_version=before["policy_version"]), metadata=AUTH)
     after = state(scheduler)
     assert ack.next_step == before["step"] and after["temperature"] == before["temperature"]
+
+
+def test_a_long_poll_lease_answers_as_soon_as_the_next_step_is_planned(scheduler):
+    stub = scheduler["stub"]
+    step = state(scheduler)["step"]
+    rng = random.Random(2)
+    for t in lease_all(stub, "gen-a", 4):
+        assert submit(stub, t, fake_samples(t, rng, 0.5)).accepted
+
+    # Nothing queued: an empty long poll waits out what it asked for, then says "ask again now".
+    started = time.monotonic()
+    empty = stub.LeaseTasks(pb.LeaseRequest(replica_id="gen-a", max_tasks=3, wait_s=0.4), metadata=AUTH)
+    assert not empty.tasks and empty.retry_after_s == 0.0 and time.monotonic() - started >= 0.4
+    # Without a wait the scheduler answers at once and suggests when to poll.
+    started = time.monotonic()
+    plain = stub.LeaseTasks(pb.LeaseRequest(replica_id="gen-a", max_tasks=3), metadata=AUTH)
+    assert not plain.tasks and plain.retry_after_s > 0 and time.monotonic() - started < 0.4
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LeaseTasks(pb.LeaseRequest(replica_id="gen-a", max_tasks=3, wait_s=-1), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "wait_s" in err.value.details()
+
+    # A replica waiting in a long poll gets the next step's tasks the moment the report plans it.
+    waiting = stub.LeaseTasks.future(pb.LeaseRequest(replica_id="gen-b", max_tasks=3, wait_s=4.0), metadata=AUTH)
+    time.sleep(0.5)
+    assert not waiting.done()
+    train_step(stub, step, entropy=0.8, version=step + 1)
+    reported = time.monotonic()
+    reply = waiting.result(timeout=5)
+    answered = time.monotonic()
+    assert len(reply.tasks) == 3 and all(t.step == step + 1 for t in reply.tasks)
+    assert answered - reported < 1.0, f"the long poll answered {answered - reported:.2f}s after the step was planned"

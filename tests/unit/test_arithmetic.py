@@ -20,12 +20,13 @@ def test_different_seeds_give_different_questions():
     assert make_questions("train", 50, seed=3) != make_questions("train", 50, seed=4)
 
 
-def test_train_and_valid_pools_never_share_a_question():
+def test_the_warm_start_rl_and_valid_pools_never_share_a_question():
     for level in LEVELS:
-        train = {q.id for q in make_questions("train", pool_size(level, "train"), 0, [level])}
-        valid = {q.id for q in make_questions("valid", pool_size(level, "valid"), 0, [level])}
-        assert train and valid
-        assert not train & valid
+        pools = {split: {q.id for q in make_questions(split, pool_size(level, split), 0, [level])}
+                 for split in ("sft", "train", "valid")}
+        assert all(pools.values())
+        assert not pools["sft"] & pools["train"] and not pools["sft"] & pools["valid"]
+        assert not pools["train"] & pools["valid"]
 
 
 def test_split_membership_does_not_depend_on_seed_or_count():
@@ -129,9 +130,10 @@ def test_zero_count_gives_an_empty_list():
     assert make_questions("train", 0, seed=0) == []
 
 
-def test_every_level_is_described_and_has_both_splits():
+def test_every_level_is_described_and_has_all_three_splits_in_proportion():
     assert sorted(LEVELS) == [1, 2, 3, 4, 5]
     for level in LEVELS:
-        assert pool_size(level, "valid") >= arithmetic.VALID_FRACTION * 0.8 * (
-            pool_size(level, "train") + pool_size(level, "valid")
-        )
+        total = sum(pool_size(level, split) for split in ("sft", "train", "valid"))
+        assert pool_size(level, "valid") >= arithmetic.VALID_FRACTION * 0.8 * total
+        assert pool_size(level, "train") >= arithmetic.TRAIN_FRACTION * 0.8 * total
+        assert pool_size(level, "sft") >= 0.5 * 0.8 * total
