@@ -39,7 +39,9 @@ def learning_markdown(results: dict, plots: list[str]) -> str:
         f"for {s['steps']} steps of {s['batch_questions']} questions and {s['batch_questions'] * s['n']} rollouts "
         f"(n = {s['n']}; E3 allocation widens to [{s['n_low']}, {s['n_high']}] by {s['n_update']} per epoch, "
         f"{s['steps_per_epoch']} steps per epoch), with training seeds {', '.join(map(str, s['seeds']))}. "
-        f"Validation: greedy accuracy on {s['valid_size']} held-out questions every {s['validation_every']} steps. "
+        f"Validation: pass@1, the mean over {s.get('validation_samples', 8)} samples per question at "
+        f"T = {s.get('validation_temperature', 1.0)}, on {s['valid_size']} held-out questions every "
+        f"{s['validation_every']} steps. "
         f"Figures are mean ± sample std over {seeds} seed{'s' if seeds != 1 else ''}.",
         "",
         "## Final validation accuracy",

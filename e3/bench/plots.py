@@ -49,7 +49,7 @@ def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> lis
     reach = results.get("reach_reference")
     if reach:
         ax.axhline(reach["target_accuracy"], color="black", linestyle=":", linewidth=1, label="GRPO final accuracy")
-    ax.set(xlabel="rollouts spent", ylabel="validation accuracy (greedy)",
+    ax.set(xlabel="rollouts spent", ylabel="validation pass@1 (mean over samples)",
            title=f"Accuracy vs rollouts (mean ± std over {seeds} seeds)")
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir / f"{prefix}-accuracy.png"))

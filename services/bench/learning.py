@@ -154,6 +154,8 @@ def build_results(size: Size, arms: list[str], runs: dict, base_passk: dict, pas
         "benchmark": "learning",
         "settings": asdict(size) | {"arms": arms, "seeds": list(size.seeds), "ks": list(size.ks),
                                     "steps_per_epoch": size.train_size // size.batch_questions,
+                                    "validation_samples": load_config(environ={}).validation_samples,
+                                    "validation_temperature": load_config(environ={}).validation_temperature,
                                     "passk": {"samples": size.passk_samples, "ks": list(size.ks),
                                               "temperature": size.passk_temperature}},
         "base_model": {"path": shown_path(Path(base_passk["model"])) if base_passk else None, "pass_at_k": base_passk or None},
@@ -175,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="override the number of steps")
     parser.add_argument("--resume", action="store_true", help="keep finished runs found under --runs")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--render", action="store_true",
+                        help="only re-write learning.md and the plots from the learning.json in --out (nothing is rerun)")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.out or Path("runs/bench-quick" if args.quick else "bench/results"))
 
     size = QUICK if args.quick else Size()
     if args.seeds:
@@ -205,6 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "learning.md", learning_markdown(results, [p.name for p in plots]))
     console.print(f"[bold]learning benchmark done[/bold] in {results['wall_s']['total'] / 60:.1f} min: "
                   f"{out / 'learning.md'}, {out / 'learning.json'}, {len(plots)} plots")
+    return 0
+
+
+def render(out: Path) -> int:
+    """learning.md and the plots again from learning.json, e.g. after the report's wording changed."""
+    source = out / "learning.json"
+    if not source.is_file():
+        raise SystemExit(f"--render: {source} does not exist; run the benchmark first")
+    results = json.loads(source.read_text())
+    plots = plot_learning(results, out)
+    write_text(out / "learning.md", learning_markdown(results, [p.name for p in plots]))
+    console.print(f"re-rendered {out / 'learning.md'} and {len(plots)} plots from {source}")
     return 0
 
 

@@ -29,7 +29,7 @@ SECTIONS = ("generation", "anatomy", "weight-sync", "scheduler")
 
 @dataclass(frozen=True)
 class SystemSize:
-    gen_batch: int = 256
+    gen_batch: int = 240  # x (gen_steps + 1) questions must fit the 960 of the arithmetic RL split
     gen_n: int = 8
     gen_steps: int = 3
     sync_sizes: tuple[str, ...] = ("1M", "10M", "50M")

@@ -16,6 +16,12 @@ sampled, with the same n, temperature, max_tokens and logprobs, one
 
 Throughput is response tokens per second; the ratio is service / offline,
 and the overhead 1 - ratio (the target is under 5%).
+
+CPU: the CPU seconds each service's process tree (the replica's engine core
+and the reward service's checker processes included) used over the timed
+steps. On a machine whose cores are all vLLM's (the CPU build samples on
+them), every CPU second the other services use is taken from sampling, so
+this is where the overhead goes when sampling is busy almost all the time.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from e3.config import load_config
 from services.bench.common import shown_path
@@ -43,6 +50,7 @@ def _service_steps(config, run_dir: Path, steps: int) -> tuple[list[dict], list[
     timed, prompts = [], []
     try:
         trainer.wait_batch(0, timeout_s=600)  # includes the replica's engine start
+        cpu_before = _cpu_seconds(running.stack.services)
         for step in range(1, steps + 1):
             start = time.perf_counter()
             trainer.report(step - 1, 0)  # same policy version: no weight sync in the way
@@ -50,6 +58,7 @@ def _service_steps(config, run_dir: Path, steps: int) -> tuple[list[dict], list[
             timed.append({"step": step, "seconds": done - start, "tokens": response_tokens(groups),
                           "rollouts": sum(len(g.samples) for g in groups)})
             prompts.append([list(g.samples[0].prompt_token_ids) for g in groups])
+        cpu_used = {name: _cpu_seconds(running.stack.services)[name] - seconds for name, seconds in cpu_before.items()}
         trainer.report(steps, 0)  # so the last timed step has a report entry too
         # Where the service's time went: the replicas' own sampling and scoring seconds per step.
         reports = httpx.get(f"{running.url('scheduler_http')}/v1/reports", params={"limit": 64}, timeout=10).json()
@@ -62,7 +71,27 @@ def _service_steps(config, run_dir: Path, steps: int) -> tuple[list[dict], list[
     finally:
         trainer.close()
         running.stack.stop()
-    return timed, prompts
+    return timed, prompts, cpu_used
+
+
+def _cpu_seconds(services) -> dict[str, float]:
+    """User + system CPU seconds of each service's process and all its descendants so far."""
+    out = {}
+    for service in services:
+        try:
+            root = psutil.Process(service.process.pid)
+            tree = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        total = 0.0
+        for process in tree:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass  # ended between listing and reading
+        out[service.name] = total
+    return out
 
 
 def _offline_steps(config, seed: int, prompts: list[list[list[int]]]) -> list[dict]:
@@ -105,11 +134,13 @@ def measure_throughput(base_model: Path, work_dir: Path, batch_questions: int, n
         allocation={"n": n, "n_low": min(4, n), "n_high": max(12, n)},
         training={"steps": steps + 2, "batch_questions": batch_questions},
     )
-    service, prompts = _service_steps(config, work_dir / "stack", steps)
+    service, prompts, cpu_used = _service_steps(config, work_dir / "stack", steps)
     offline = _offline_steps(config, replica_seed(config.training.seed, "gen-0"), prompts)
     service_rate, offline_rate = _rate(service), _rate(offline)
     service_rate["split_s"] = {key: sum(s[key] for s in service) for key in ("generate_s", "score_s")}
     service_rate["leases"] = sum(s["leases"] for s in service)
+    service_rate["cpu_s"] = {name: round(seconds, 3) for name, seconds in sorted(cpu_used.items())}
+    service_rate["cpus"] = os.cpu_count()
     ratio = service_rate["tokens_per_s"] / offline_rate["tokens_per_s"]
     return {
         "model": shown_path(base_model), "batch_questions": batch_questions, "n": n, "steps": steps,

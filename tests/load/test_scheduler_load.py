@@ -137,7 +137,7 @@ def percentile(values: list[float], q: float) -> float:
 def test_many_clients_lose_and_duplicate_no_group(tmp_path, redis_url):
     http_port, grpc_port = free_port(), free_port()
     config = {
-        "data": {"train_size": 2048}, "training": {"batch_questions": BATCH, "steps": 100000},
+        "data": {"train_size": 960}, "training": {"batch_questions": BATCH, "steps": 100000},
         "allocation": {"n": 4, "n_low": 2, "n_high": 6, "rerank": "step"},
         "scheduler": {"http_port": http_port, "grpc_port": grpc_port, "lease_s": LEASE_S, "store_url": redis_url,
                       "run_id": "load"},
