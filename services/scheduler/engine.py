@@ -17,7 +17,6 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from e3.config import E3Config
@@ -28,6 +27,10 @@ from e3.core.difficulty import accuracy_ranks
 from e3.core.temperature import TemperatureConfig, TemperatureState, initial_state, observe_entropy
 from e3.store.base import Store, StepAlreadyPlanned, StoreUnavailable, SubmitOutcome, TaskRecord
 from e3.tasks.question import Question
+from services.scheduler.messages import (  # noqa: F401 - re-exported: the engine's API
+    LeasedTask, LeaseResult, SchedulerError, StepReport, SubmittedSample, Submission, sample_to_dict,
+)
+from services.scheduler.work_signal import WorkSignal
 
 log = logging.getLogger("scheduler")
 ALLOCATION_HISTORY = 64  # steps whose allocation the HTTP API can still show
@@ -38,76 +41,6 @@ MAX_LEASE_WAIT_S = 5.0
 LEASE_WAIT_SLICE_S = 0.25
 MAX_LEASE_WAITERS = 8
 POLL_AFTER_S = 0.2
-
-
-class SchedulerError(Exception):
-    """A request the engine refuses; `code` maps onto gRPC and HTTP statuses."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code  # invalid_argument | not_found | failed_precondition | unavailable
-
-
-@dataclass
-class LeasedTask:
-    record: TaskRecord
-    question: Question
-    max_tokens: int
-
-
-@dataclass
-class LeaseResult:
-    tasks: list[LeasedTask]
-    policy_version: int
-    weights_path: str
-    finished: bool
-    retry_after_s: float
-
-
-@dataclass
-class SubmittedSample:
-    prompt_token_ids: list[int]
-    response_token_ids: list[int]
-    response_logprobs: list[float]
-    text: str
-    reward: float
-    reward_reason: str = ""
-    finish_reason: str = ""
-
-
-@dataclass
-class Submission:
-    task_id: str
-    lease_id: str
-    replica_id: str
-    policy_version: int
-    temperature: float
-    samples: list[SubmittedSample]
-    generate_s: float = 0.0
-    score_s: float = 0.0
-
-
-@dataclass
-class StepReport:
-    step: int
-    entropy: float
-    new_policy_version: int
-    weights_path: str
-    loss: float = 0.0
-    skipped: bool = False
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def _sample_to_dict(sample: SubmittedSample) -> dict:
-    return {
-        "prompt_token_ids": list(sample.prompt_token_ids),
-        "response_token_ids": list(sample.response_token_ids),
-        "response_logprobs": [float(x) for x in sample.response_logprobs],
-        "text": sample.text,
-        "reward": float(sample.reward),
-        "reward_reason": sample.reward_reason,
-        "finish_reason": sample.finish_reason,
-    }
 
 
 class SchedulerEngine:
@@ -150,11 +83,7 @@ class SchedulerEngine:
         )
         self._lock = threading.RLock()
         self._step_complete = threading.Condition(self._lock)
-        # Long-poll leases wait on their own condition, never holding the engine lock.
-        self._work_ready = threading.Condition()
-        self._work_signal = 0
-        self._lease_waiters = 0
-        self._closing = False
+        self._work = WorkSignal(MAX_LEASE_WAITERS)
         # The ranks change only when the report of an epoch's last step saves
         # them; reading all of them from the store for every plan would cost a
         # full hash read (100k questions: ~0.3 s on Redis) per step.
@@ -279,20 +208,13 @@ class SchedulerEngine:
         deadline = time.monotonic() + min(wait_s, MAX_LEASE_WAIT_S)
         waited = False
         while True:
-            seen = self._work_signal
+            seen = self._work.current()
             result = self._lease_once(replica_id, max_tasks)
             remaining = deadline - time.monotonic()
-            if result.tasks or result.finished or remaining <= 0 or self._closing:
+            if result.tasks or result.finished or remaining <= 0 or self._work.closed:
                 break
-            with self._work_ready:
-                if self._lease_waiters >= MAX_LEASE_WAITERS:
-                    break
-                self._lease_waiters += 1
-                try:
-                    self._work_ready.wait_for(lambda: self._work_signal != seen or self._closing,
-                                              timeout=min(remaining, LEASE_WAIT_SLICE_S))
-                finally:
-                    self._lease_waiters -= 1
+            if not self._work.wait(seen, min(remaining, LEASE_WAIT_SLICE_S)):
+                break  # too many calls wait already
             waited = True
         if not result.tasks and not result.finished:
             result.retry_after_s = 0.0 if waited and time.monotonic() >= deadline else POLL_AFTER_S
@@ -311,15 +233,11 @@ class SchedulerEngine:
 
     def _signal_work(self) -> None:
         """Wake long-polling lease calls: tasks were queued or re-queued, or the run finished."""
-        with self._work_ready:
-            self._work_signal += 1
-            self._work_ready.notify_all()
+        self._work.notify()
 
     def close(self) -> None:
         """Let waiting lease calls return now (the server is stopping)."""
-        with self._work_ready:
-            self._closing = True
-            self._work_ready.notify_all()
+        self._work.close()
 
     def release(self, replica_id: str) -> list[str]:
         """Hand a replica's leased tasks back to the queue now (an operator knows it is gone)."""
@@ -390,7 +308,7 @@ class SchedulerEngine:
             "temperature": task.temperature,
             "policy_version": task.policy_version,
             "replica_id": submission.replica_id,
-            "samples": [_sample_to_dict(s) for s in submission.samples],
+            "samples": [sample_to_dict(s) for s in submission.samples],
         }
         rewards = [s.reward for s in submission.samples]
         result = self.store.complete(task.task_id, group, rewards)
