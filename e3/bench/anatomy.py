@@ -9,7 +9,7 @@ and reports. Phases, per step:
 - generate, score: the replica's sampling and scoring seconds for the step's
   leases (the scheduler's report entry; with several replicas, the busiest);
 - transfer: the batch streaming from the scheduler into the trainer;
-- train: the GRPO update; validate: greedy validation, on validation steps;
+- train: the GRPO update; validate: validation pass@1 and greedy, on validation steps;
 - weight sync: the trainer writing the next policy plus the replicas'
   in-place reload of the policy this step sampled with (their mean pause);
 - checkpoint: model and optimizer state to disk; report: the ReportStep

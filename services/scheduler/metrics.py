@@ -25,7 +25,7 @@ class SchedulerMetrics:
         self.temperature = Gauge(m.TEMPERATURE, "Sampling temperature of the current step", registry=r)
         self.entropy = Gauge(m.ENTROPY, "Mean token entropy the trainer measured last", registry=r)
         self.entropy_target = Gauge(m.ENTROPY_TARGET, "Entropy target of the temperature controller", registry=r)
-        self.validation = Gauge(m.VALIDATION_ACCURACY, "Validation accuracy (greedy)", ["level"], registry=r)
+        self.validation = Gauge(m.VALIDATION_ACCURACY, "Validation pass@1: the mean over samples at the fixed validation temperature", ["level"], registry=r)
         self.step = Gauge(m.STEP, "Current step", registry=r)
         self.epoch = Gauge(m.EPOCH, "Current epoch", registry=r)
         self.policy_version = Gauge(m.POLICY_VERSION, "Policy version replicas must sample with", registry=r)
