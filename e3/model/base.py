@@ -131,7 +131,8 @@ def main() -> None:
     report = read_report(directory)
     print(f"base model: {directory} (ready in {time.perf_counter() - start:.1f}s)")
     print(f"parameters: {report['parameters']:,}  warm-start: {report['wall_time_s']}s  seed: {report['seed']}")
-    print("valid accuracy per level: greedy, and pass@1 (mean over 8 samples at T = 1)")
+    samples, temperature = report["valid_pass1_samples_temperature"]
+    print(f"valid accuracy per level: greedy, and pass@1 (mean over {samples} samples at T = {temperature:g})")
     for level, acc in report["valid_accuracy"].items():
         print(f"  L{level} {acc:6.1%} {report['valid_pass1'][level]:6.1%}  {report['levels'][level]}")
 

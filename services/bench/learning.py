@@ -150,12 +150,13 @@ def build_results(size: Size, arms: list[str], runs: dict, base_passk: dict, pas
                 {"seed": seed, "run_dir": shown_path(info["run_dir"]), "wall_s": info["wall_s"],
                  "pass_at_k": passk.get((arm, seed))} | reduced)
     summaries = {arm: summarize_arm(arm_runs[arm], size.ks) for arm in arms}
+    defaults = load_config(environ={})  # no arm overrides the validation settings
     return {
         "benchmark": "learning",
         "settings": asdict(size) | {"arms": arms, "seeds": list(size.seeds), "ks": list(size.ks),
                                     "steps_per_epoch": size.train_size // size.batch_questions,
-                                    "validation_samples": load_config(environ={}).validation_samples,
-                                    "validation_temperature": load_config(environ={}).validation_temperature,
+                                    "validation_samples": defaults.validation_samples,
+                                    "validation_temperature": defaults.validation_temperature,
                                     "passk": {"samples": size.passk_samples, "ks": list(size.ks),
                                               "temperature": size.passk_temperature}},
         "base_model": {"path": shown_path(Path(base_passk["model"])) if base_passk else None, "pass_at_k": base_passk or None},

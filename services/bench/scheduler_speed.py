@@ -5,8 +5,9 @@ and allocate its rollouts (`plan_step`, which also walks the seeded epoch
 permutation of all questions) with the ranks the engine keeps in memory,
 and store the step's tasks. Timed twice: the pure planner, and the round
 trip with each store. Reading all ranks from the store, which the engine
-does once per epoch (and once after a restart), is timed on its own. Every question is ranked and the steps
-lie in the second epoch, so E3's allocation is doing real work.
+does once per epoch (and once after a restart), is timed on its own. Every
+question is ranked and the steps lie in the second epoch, so E3's
+allocation is doing real work.
 
 Submits: a SchedulerEngine on each store plans a step, its tasks are leased
 in one call, and every group (n samples of a few tokens, 0/1 rewards) goes
