@@ -18,7 +18,7 @@ from e3.config import PRESETS, ConfigError, load_config
 def _run(args) -> int:
     from rich.console import Console
 
-    from services.launcher import run_training
+    from services.launcher import require_base_model, run_training
 
     overrides: dict = {}
     if args.preset:
@@ -28,6 +28,7 @@ def _run(args) -> int:
     if args.replicas:
         overrides["generation"] = {"replicas": args.replicas}
     config = load_config(args.config, **overrides)
+    require_base_model(config)  # before a run directory is made for a run that cannot start
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     latest = Path("runs/latest")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -41,11 +42,9 @@ def _run(args) -> int:
         v = summary.get("validation") or {}
         console.print(f"validation pass@1 (mean of {v.get('samples')} samples at T = {v.get('temperature')}) "
                       f"{summary['base_val_accuracy']:.3f} -> {summary['final_val_accuracy']:.3f}")
-        for key, base in summary["base_by_level"].items():
+        # Levels in order: the figures crossed a protobuf map, which keeps none.
+        for key, base in sorted(summary["base_by_level"].items(), key=lambda item: int(item[0].rpartition("L")[2])):
             console.print(f"  level {key.removeprefix('val_accuracy_L')}: {base:.3f} -> {summary['final_by_level'].get(key, float('nan')):.3f}")
-    if summary.get("base_val_greedy_accuracy") is not None:
-        console.print(f"validation greedy accuracy {summary['base_val_greedy_accuracy']:.3f} -> "
-                      f"{summary['final_val_greedy_accuracy']:.3f}")
     if summary.get("base_train_accuracy") is not None:
         console.print(f"pass@1 on the RL questions {summary['base_train_accuracy']:.3f} -> {summary['final_train_accuracy']:.3f}")
     console.print(f"run directory: {run_dir} (metrics.jsonl, plots/, final-model/, logs/)")
@@ -54,20 +53,19 @@ def _run(args) -> int:
 
 def _inspect(args) -> int:
     """Per-level accuracy of the base policy on a batch, and E3's allocation for that batch."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     from e3.core.allocation import WideningSchedule, allocate_by_difficulty, allocate_uniform
     from e3.core.difficulty import QuestionStats, accuracy_ranks
     from e3.model.base import ensure_base_model
     from e3.model.evaluate import complete
+    from e3.model.loading import load_model_and_tokenizer
     from e3.tasks import arithmetic
 
-    model_dir = ensure_base_model(Path(args.artifacts))
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # E3_BASE_ARCHITECTURE=qwen2 (or a config's base_architecture) picks the base model, as for `e3 run`.
+    architecture = args.architecture or load_config(None).base_architecture
+    model_dir = ensure_base_model(Path(args.artifacts), architecture=architecture)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
     batch = arithmetic.make_questions("valid", args.batch, seed=args.seed)
-    completions = complete(model, tokenizer, [q.prompt for q in batch], samples=args.samples, temperature=1.0, seed=args.seed)
+    completions = complete(model, tokenizer, batch, samples=args.samples, temperature=1.0, seed=args.seed)
     stats = {q.id: QuestionStats().plus([float(arithmetic.is_correct(t, q.answer)) for t in texts])
              for q, texts in zip(batch, completions)}
     ranks = accuracy_ranks([q.id for q in batch], stats)
@@ -102,7 +100,9 @@ def _eval(args) -> int:
     try:
         ks = parse_ks(args.k)
         settings = EvalSettings(samples=args.samples, ks=tuple(ks), temperature=args.temperature,
-                                max_tokens=args.max_tokens or default_max_tokens(args.dataset), seed=args.seed)
+                                max_tokens=args.max_tokens or default_max_tokens(args.dataset), seed=args.seed,
+                                top_p=args.top_p, tensor_parallel_size=args.tensor_parallel_size,
+                                max_model_len=args.max_model_len, prompt_template=args.prompt_template)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if not (Path(args.model) / "config.json").is_file():
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--samples", type=int, default=8)
     inspect.add_argument("--seed", type=int, default=0)
     inspect.add_argument("--artifacts", default="artifacts")
+    inspect.add_argument("--architecture", choices=["llama", "qwen2"], help="base model; default: base_architecture of the config")
     ev = sub.add_parser("eval", help="pass@k of a model directory on a dataset (generation engine + verifiers)")
     ev.add_argument("--model", required=True, help="model directory (config.json + *.safetensors)")
     ev.add_argument("--dataset", default="arithmetic-valid", help="arithmetic-valid, or a .jsonl/.parquet math file")
@@ -144,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--valid-size", type=int, default=250, help="arithmetic-valid: questions (the training default)")
     ev.add_argument("--data-seed", type=int, default=0, help="arithmetic-valid: data.seed of the run")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed of the engine")
+    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (the paper evaluates at 0.95)")
+    ev.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the vLLM engine spans")
+    ev.add_argument("--max-model-len", type=int, help="prompt + response tokens the engine holds (default: the model's)")
+    ev.add_argument("--prompt-template", help="text with one {prompt}; default: the task's (math: the paper's \\boxed{} instruction)")
     ev.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args(argv)
     try:

@@ -22,16 +22,70 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
-    """Which questions to train and validate on."""
+class ColumnsConfig(_Section):
+    """Which column of a data file holds what (e3.tasks.files). Each setting is a name or a list of names,
+    the first present wins; a dotted name reaches into a struct column ("reward_model.ground_truth").
+    The defaults read the paper's parquet (prompt, reward_model.ground_truth, rank, data_source) and its
+    test.jsonl (prompt, answer, source)."""
 
-    task: Literal["arithmetic", "math"] = "arithmetic"
+    prompt: list[str] = Field(
+        ["prompt"], min_length=1, description="chat messages (a list of {role, content}) or the prompt text")
+    answer: list[str] = Field(["reward_model.ground_truth", "answer"], min_length=1,
+                              description="the ground truth handed to the reward function")
+    id: list[str] = Field(["id"], description="optional; rows without one get a hash of their prompt")
+    level: list[str] = Field(["level"], description="optional difficulty level, an integer >= 1")
+    prior_rank: list[str] = Field(["rank"], description="optional prior difficulty percentile in [0, 1], 0 = easiest")
+    source: list[str] = Field(["data_source", "source"], description="optional name of the row's origin")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_name_or_list(cls, value: Any) -> Any:
+        # One column name may be written alone (also from an E3_DATA__COLUMNS__* variable); a list gives fallbacks.
+        return [value] if isinstance(value, str) else value
+
+
+class DataConfig(_Section):
+    """Which questions to train and validate on: the generated arithmetic task, or files (docs/data.md)."""
+
+    task: Literal["arithmetic", "files"] = Field(
+        "arithmetic", description="arithmetic: generated questions; files: train_path and valid_path")
     train_size: int = Field(960, ge=1, description="arithmetic: RL questions generated (960 = 15 steps of 64 per epoch)")
     valid_size: int = Field(250, ge=1, description="arithmetic: validation questions generated")
     seed: int = 0
-    math_train_path: str = "../shared/data/e3-math/train.parquet"
-    math_valid_path: str = "../shared/data/e3-math/valid.parquet"
+    train_path: str = Field("../shared/data/e3-math/train.parquet", description="files: the RL questions (.parquet or .jsonl)")
+    valid_path: str = Field("../shared/data/e3-math/valid.parquet", description="files: the validation questions")
+    columns: ColumnsConfig = ColumnsConfig()
+    reward: str = Field("math", description="files: the reward function scoring every question: arithmetic, math, "
+                        "or python:package.module:function (found in reward.python_path)")
     shuffle: bool = True
+    prompt_template: str | None = Field(
+        None, description="applied to each question's (last user) text before the chat template; must hold one "
+        "{prompt}. None: the default of the task's reward (arithmetic and python: functions: the bare prompt; math: "
+        "the paper's instruction to reason step by step and answer in \\boxed{})")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _one_placeholder(cls, value: str | None) -> str | None:
+        from e3.tasks.prompts import check_template
+
+        return None if value is None else check_template(value)
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_name(cls, value: str) -> str:
+        from e3.tasks.question import check_verifier
+
+        return check_verifier(value, "data.reward")
+
+    def verifier(self) -> str:
+        """The reward function that scores this data's answers."""
+        return "arithmetic" if self.task == "arithmetic" else self.reward
+
+    def template(self) -> str:
+        """The prompt template this data uses (e3.tasks.prompts): the one its reward function expects."""
+        from e3.tasks.prompts import task_template
+
+        return task_template(self.verifier(), self.prompt_template)
 
 
 class AllocationConfig(_Section):
@@ -79,6 +133,9 @@ class TrainingConfig(_Section):
     mini_batches: int = Field(1, ge=1, description="optimizer steps per training step")
     micro_batch: int = Field(256, ge=1, description="sequences per forward/backward pass")
     max_tokens: int = Field(16, ge=1, description="longest response sampled")
+    overlong: Literal["score", "mask"] = Field(
+        "score", description="responses cut at max_tokens: score them as they are, or leave them out of the loss "
+        "(DAPO's overlong filtering; they still count in their group's advantage)")
     seed: int = 0
     checkpoint_every: int = Field(1, ge=1)
     max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
@@ -93,7 +150,10 @@ class SchedulerConfig(_Section):
     store_tls_ca_file: str | None = Field(None, description="rediss://: CA bundle that signed the server's certificate")
     store_tls_cert_file: str | None = Field(None, description="rediss://: client certificate, for mutual TLS")
     store_tls_key_file: str | None = Field(None, description="rediss://: the client certificate's key")
-    lease_s: float = Field(60.0, gt=0)
+    lease_s: float = Field(60.0, gt=0, description="a lease's lifetime; replicas renew the leases they work on "
+                           "(RenewLeases), so it bounds how long a dead replica's tasks wait, not a rollout's length")
+    max_task_failures: int = Field(3, ge=1, description="ReportTaskFailure calls after which a task is marked "
+                                   "failed (finished, no group) instead of re-queued")
     run_id: str = "e3"
 
     @model_validator(mode="after")
@@ -119,6 +179,12 @@ class GenerationConfig(_Section):
     lease_wait_s: float = Field(2.0, ge=0, le=5, description="long poll: how long the scheduler may hold an empty lease call")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kv_cache_gb: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica's vLLM engine spans")
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + response vLLM holds; None: the model's own limit")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vLLM weights and activations; auto: float32 on CPU, the model's own dtype on GPUs")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes (a group's n samples)")
+    seed: int | None = Field(None, description="sampler seed; None: derived from training.seed and the replica id")
     http_port: int = Field(8300, ge=0, le=65535, description="metrics/health port of the first replica")
 
 
@@ -126,6 +192,15 @@ class RewardConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8200, ge=0, le=65535)
     timeout_s: float = Field(2.0, gt=0)
+    python_path: list[str] = Field(
+        default_factory=list, description="directories python: reward functions are imported from (passed to the "
+        "reward service as --python-path; modules anywhere else are refused); relative paths: from the working directory")
+
+    @field_validator("python_path", mode="before")
+    @classmethod
+    def _path_list(cls, value: Any) -> Any:
+        # E3_REWARD__PYTHON_PATH=dir1:dir2 reads as one string, split like PYTHONPATH.
+        return [part for part in value.split(os.pathsep) if part] if isinstance(value, str) else value
 
 
 class TrainerConfig(_Section):
@@ -138,6 +213,8 @@ class FaultConfig(_Section):
     """Fault injection for the fault tests (tests/faults). Test-only: never set in a real run."""
 
     nan_steps: list[int] = Field(default_factory=list, description="steps whose loss the trainer makes NaN")
+    sampling_delay_s: float = Field(0.0, ge=0, le=600, description="seconds a replica holds each lease's "
+                                    "sampling back, to make rollouts outlast scheduler.lease_s")
 
     @field_validator("nan_steps", mode="before")
     @classmethod
@@ -155,9 +232,16 @@ class E3Config(_Section):
     run_dir: str = "runs/latest"
     artifacts_dir: str = "artifacts"
     base_model: str | None = Field(None, description="model directory; None builds the arithmetic base model")
+    base_architecture: Literal["llama", "qwen2"] = Field(
+        "llama", description="the base model built when base_model is None: llama (character tokenizer, plain "
+        "prompts) or qwen2 (q/k/v biases, BPE tokenizer, chat template); see e3/model/architectures.py")
     api_token: str | None = Field(None, repr=False, description="bearer token for mutating HTTP calls and all gRPC calls")
     api_read_open: bool = Field(True, description="with a token set: False makes HTTP reads (/v1/...) need it too")
-    validation_every: int = Field(5, ge=1)
+    validation_every: int = Field(5, ge=1, description="validate the policy of step 0, of every N-th step, and the final one")
+    validation_questions: int | None = Field(
+        None, ge=0, description="validate on the first N questions of the validation split; None: all; 0: no validation")
+    validation_practice: bool = Field(
+        True, description="also measure pass@1 on as many of the training questions (train_accuracy)")
     validation_samples: int = Field(8, ge=1, description="samples per validation question for pass@1 (mean over samples)")
     validation_temperature: float = Field(1.0, gt=0, description="fixed sampling temperature of the validation pass@1")
     data: DataConfig = DataConfig()
@@ -171,19 +255,45 @@ class E3Config(_Section):
     fault: FaultConfig = FaultConfig()
 
 
-# The paper's runs (E3.md sections 1-4) and the CPU-sized default.
+# The paper's runs (E3.md sections 1-4; learning rates, response length and
+# rollout parallelism from the reference code's scripts/train_1_5b.sh and
+# train_7b.sh) and the CPU-sized default.
+#
+# paper-*: the models are read where the deployment files mount them
+# (/models, docs/deploy.md); 480 steps = 3 epochs of the 10,240 training
+# questions at 64 a step. The reference samples at most 6,144 response
+# tokens and drops prompts over 2,048; e3 keeps every row, so vLLM's context
+# is 6,144 + a 4,608-token prompt budget that no prompt of the paper's data
+# exceeds (the longest is 4,380 UTF-8 bytes with the instruction, a
+# byte-level BPE token is at least one byte, and the chat template adds a few
+# tokens; tests/unit/test_config_presets.py). Validation every 10 steps, as the
+# reference's test_freq.
+# One GPU per replica (tensor_parallel_size 1), also for 7B: its bf16 weights
+# (15 GB) fit one GPU with room for the KV cache, and the deployments give a
+# replica exactly one GPU. micro_batch 1: the trainer keeps fp32 weights and
+# AdamW state on one GPU, so memory goes to those rather than to activations.
+_PAPER_RUN: dict[str, Any] = {
+    "validation_every": 10,
+    "data": {"task": "files", "reward": "math"},
+    "allocation": {"mode": "e3", "n": 8, "n_low": 4, "n_high": 12, "n_update": 2, "rerank": "epoch"},
+    "temperature": {"control": True, "initial": 1.0, "init_steps": 1, "annealing": True,
+                    "annealing_ratio": 0.4, "annealing_factor": 0.9},
+    "training": {"batch_questions": 64, "steps": 480, "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
+                 "mini_batches": 1, "micro_batch": 1, "max_tokens": 6144},
+    "generation": {"tensor_parallel_size": 1, "max_model_len": 4608 + 6144, "dtype": "bfloat16",
+                   "enable_prefix_caching": True},
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
-    "paper": {
-        "data": {"task": "math"},
-        "allocation": {"mode": "e3", "n": 8, "n_low": 4, "n_high": 12, "n_update": 2, "rerank": "epoch"},
-        "temperature": {"control": True, "initial": 1.0, "init_steps": 1, "annealing": True},
-        "training": {"batch_questions": 64, "steps": 480, "learning_rate": 1e-6, "clip_high": 0.2, "max_tokens": 8192},
-    },
+    "paper-1.5b": {**_PAPER_RUN, "base_model": "/models/DeepSeek-R1-Distill-Qwen-1.5B",
+                   "training": {**_PAPER_RUN["training"], "learning_rate": 5e-6}},
+    "paper-7b": {**_PAPER_RUN, "base_model": "/models/DeepSeek-R1-Distill-Qwen-7B",
+                 "training": {**_PAPER_RUN["training"], "learning_rate": 2e-6}},
     "grpo": {"allocation": {"mode": "uniform"}, "temperature": {"control": False}},
     "e3-allocation-only": {"temperature": {"control": False}},
     "e3-temperature-only": {"allocation": {"mode": "uniform"}},
 }
+PRESETS["paper"] = PRESETS["paper-1.5b"]  # the earlier name of the 1.5B run
 
 SHORT_ENV = {
     "E3_STORE_URL": ("scheduler", "store_url"),
@@ -191,6 +301,9 @@ SHORT_ENV = {
     "E3_API_TOKEN": ("api_token",),
     "E3_RUN_DIR": ("run_dir",),
     "E3_PRESET": ("preset",),
+    # The CPU stack's model (docker-compose.cpu.yml, the cpu overlay): it replaces any preset's.
+    "E3_BASE_MODEL": ("base_model",),
+    "E3_BASE_ARCHITECTURE": ("base_architecture",),
 }
 
 

@@ -1,7 +1,7 @@
 """One module for every metric name e3 exports; code and dashboards read the same names."""
 
-# Reward service (services/reward). Labels: verifier = arithmetic | math;
-# outcome = correct | incorrect | timeout | error (see e3.verify.Verdict.outcome).
+# Reward service (services/reward). Labels: verifier = arithmetic | math | python:package.module:function;
+# outcome = correct | partial | incorrect | timeout | error (see e3.verify.Verdict.outcome).
 REWARD_VERIFICATIONS_TOTAL = "e3_reward_verifications_total"
 REWARD_LATENCY_SECONDS = "e3_reward_latency_seconds"
 REWARD_TIMEOUTS_TOTAL = "e3_reward_timeouts_total"
@@ -17,6 +17,8 @@ TEMPERATURE = "e3_temperature"
 ENTROPY = "e3_entropy"
 ENTROPY_TARGET = "e3_entropy_target"
 VALIDATION_ACCURACY = "e3_validation_accuracy"  # label level = all | 1..5
+VALIDATION_ROLLOUTS_TOTAL = "e3_validation_rollouts_total"  # sampled and scored by replicas, never trained
+VALIDATION_TOKENS_TOTAL = "e3_validation_tokens_total"  # their response tokens
 STEP = "e3_step"
 EPOCH = "e3_epoch"
 POLICY_VERSION = "e3_policy_version"
@@ -25,6 +27,9 @@ QUEUE_DEPTH = "e3_queue_depth"
 LEASED_TASKS = "e3_leased_tasks"
 LEASE_EXPIRIES_TOTAL = "e3_lease_expiries_total"
 SUBMISSIONS_TOTAL = "e3_submissions_total"  # label result = accepted | duplicate | rejected
+LEASE_RENEWALS_TOTAL = "e3_lease_renewals_total"  # label result = renewed | lost
+TASK_FAILURE_REPORTS_TOTAL = "e3_task_failure_reports_total"  # label outcome = requeued | failed | stale | finished
+TASKS_FAILED_TOTAL = "e3_tasks_failed_total"  # label reason = prompt_too_long | engine_error | reward_error
 
 # Generation service (services/generation). Label replica on every series.
 GENERATION_TOKENS_TOTAL = "e3_generation_tokens_total"

@@ -8,7 +8,10 @@
    (scripts/deploy_facts.py): every e3 service's command goes through its own
    argparse, its environment through e3.config, and its ports, health
    checks, Prometheus targets, dialled addresses and shared volumes must
-   match what the service listens on, dials and opens. The Dockerfile's
+   match what the service listens on, dials and opens. The paths (the base
+   model, the data files, the run directory) are checked for every preset
+   E3_PRESET may select, with the base-model step among the services that
+   must see the model at the same place. The Dockerfile's
    targets get the same treatment, and the image requirement files must
    match the code's imports (scripts/image_requirements.py).
 
@@ -32,6 +35,7 @@ import jsonschema
 import yaml
 
 import deploy_facts as facts
+from e3.config import PRESETS, ConfigError, load_config
 import dockerfile
 import image_requirements
 import promql_checks
@@ -149,9 +153,13 @@ def drift_problems(model: dict, variant: str) -> list[str]:
         if not container.env.get("E3_API_TOKEN"):
             out.append(f"{where}: E3_API_TOKEN is not set; the services authenticate every call with it")
         out += _port_problems(name, service, result, where)
-        out += _volume_problems(service, result, where)
+        out += _volume_problems(service, result, where) + facts.path_problems(container, result)
+        if facts.env_read_by(container.service)[1] and "E3_PRESET" not in container.env:
+            out.append(f"{where}: loads the e3 config but is not given E3_PRESET; a chosen preset would not reach it")
     out += _dial_problems(services, resolved, variant)
-    out += _shared_volume_problems(services, resolved, variant)
+    stagers = _stagers(services, stages, variant)
+    out += _shared_volume_problems(services, {**resolved, **stagers}, variant) + _staged_model_problems(resolved, stagers)
+    out += _preset_problems(services, stages, resolved, variant)
     out += _gpu_problems(services, resolved, variant)
     out += _prometheus_problems(services, resolved, variant)
     out += _grafana_problems(services, variant)
@@ -192,6 +200,74 @@ def _volume_problems(service: dict, result: facts.Resolved, where: str) -> list[
             out.append(f"{where}: {role} {path} is on no volume; other containers cannot see it")
         elif mode == "rw" and mount.get("read_only"):
             out.append(f"{where}: writes {role} {path} but {mount['target']} is mounted read-only")
+    return out
+
+
+def _stagers(services: dict, stages: dict, variant: str, preset: str | None = None) -> dict:
+    """The base-model step as a (container, result) pair whose only path is the model it stages or checks."""
+    out = {}
+    for name, service in services.items():
+        command = service.get("command") or []
+        if "e3-stage-base-model" not in command:
+            continue
+        stage = stages.get((service.get("build") or {}).get("target"))
+        env = {**(stage.env if stage else {}), **{k: v for k, v in (service.get("environment") or {}).items() if v is not None}}
+        if preset is not None and "E3_PRESET" in env:  # an operator's E3_PRESET reaches only where it is passed
+            env["E3_PRESET"] = preset
+        where = f"compose[{variant}] service {name}" + (f" [E3_PRESET={preset}]" if preset else "")
+        config_file = _config_file(command, stage)
+        try:
+            config = load_config(config_file, environ=env)
+        except ConfigError as exc:
+            raise facts.DriftError(f"{where}: {exc}") from None
+        container = facts.Container(where, "base-model", command, env, config_file)
+        paths = {"base_model": (config.base_model, "rw" if config.data.task == "arithmetic" else "ro")} if config.base_model else {}
+        out[name] = (container, facts.Resolved(None, config, "", {}, 0, frozenset(), {}, paths))
+    return out
+
+
+def _staged_model_problems(resolved: dict, stagers: dict) -> list[str]:
+    """The base-model step must stage or check the model the services read."""
+    read = {r.paths["base_model"][0] for _, r in resolved.values() if "base_model" in r.paths}
+    out = []
+    for container, result in stagers.values():
+        staged = result.paths.get("base_model", (None,))[0]
+        if read and staged not in read:
+            out.append(f"{container.where}: stages or checks base_model {staged}, but the services read {sorted(read)}")
+    return out
+
+
+def _preset_problems(services: dict, stages: dict, resolved: dict, variant: str) -> list[str]:
+    """Every preset E3_PRESET may select: what its services open is mounted, at the same place everywhere.
+
+    A preset that leaves a service without a base model on this stack is refused by the base-model
+    step at start (deploy/docker/stage_base_model.py, exit 2 saying why) and is not checked further.
+    """
+    out, seen = [], set()
+    for preset in PRESETS:  # in the order written, so an alias comes after the preset it names
+        if id(PRESETS[preset]) in seen:
+            continue  # an alias of a preset already checked
+        seen.add(id(PRESETS[preset]))
+        chosen = {}
+        for name, (container, _) in resolved.items():
+            if "E3_PRESET" not in container.env:
+                continue  # the reward service (no config), or a container reported above
+            selected = facts.with_preset(container, preset)
+            try:
+                chosen[name] = (selected, facts.resolve(selected))
+            except facts.DriftError as exc:
+                out.append(str(exc))
+        if any(c.service in facts.NEEDS_BASE_MODEL and "base_model" not in r.paths for c, r in chosen.values()):
+            continue
+        try:
+            stagers = _stagers(services, stages, variant, preset)
+        except facts.DriftError as exc:
+            out.append(str(exc))
+            continue
+        out += _staged_model_problems(chosen, stagers)
+        for name, (container, result) in {**chosen, **stagers}.items():
+            out += _volume_problems(services[name], result, container.where) + facts.path_problems(container, result)
+        out += _shared_volume_problems(services, {**chosen, **stagers}, f"{variant}, E3_PRESET={preset}")
     return out
 
 

@@ -217,6 +217,14 @@ def _url_address(url: str) -> Address | None:
     return Address(parts.hostname, parts.port or default)
 
 
+def _data_paths(c: E3Config, splits: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """The data files e3.tasks.datasets.load_split opens (none for the generated arithmetic task)."""
+    if c.data.task == "arithmetic":
+        return {}
+    files = {"train": c.data.train_path, "valid": c.data.valid_path}
+    return {f"{split}_data": (files[split], "ro") for split in splits}
+
+
 def _resolve_scheduler(a, c: E3Config) -> dict:
     store = _url_address(c.scheduler.store_url) if c.scheduler.store_url.startswith("redis") else None
     return {
@@ -224,7 +232,10 @@ def _resolve_scheduler(a, c: E3Config) -> dict:
         "ports": {"http": a.http_port or c.scheduler.http_port, "grpc": a.grpc_port or c.scheduler.grpc_port},
         "metrics": "http",
         "dials": {"store": store} if store else {},
-        "paths": {"base_model": (c.base_model, "ro")} if c.base_model else {},  # vocab size, initial policy
+        # The base model: vocab size, initial policy; the training questions it plans over, and the
+        # validation questions it hands out with each step's work (none when validation_questions is 0).
+        "paths": {"base_model": (c.base_model, "ro"),
+                  **_data_paths(c, ("train", "valid") if c.validation_questions != 0 else ("train",))},
     }
 
 
@@ -261,6 +272,7 @@ def _resolve_trainer(a, c: E3Config) -> dict:
         "ports": {"http": a.http_port if a.http_port is not None else c.trainer.http_port},
         "metrics": "http",
         "dials": {"scheduler": _address(a.scheduler)},
+        # No data files: every question reaches it in the scheduler's batches.
         "paths": {"base_model": (c.base_model, "ro"), "run_dir": (c.run_dir, "rw")},
     }
 
@@ -306,8 +318,29 @@ def resolve(container: Container) -> Resolved:
     return Resolved(
         args=args, config=config, bind_host=facts["bind_host"], ports=facts["ports"],
         metrics_port=facts["ports"][facts["metrics"]], routes=routes(container.service),
-        dials={k: v for k, v in facts["dials"].items() if v is not None}, paths=facts["paths"],
+        dials={k: v for k, v in facts["dials"].items() if v is not None},
+        paths={role: (path, mode) for role, (path, mode) in facts["paths"].items() if path},
     )
+
+
+# The services that cannot start without a base model (each __main__ stops with a usage error).
+NEEDS_BASE_MODEL = ("scheduler", "generation", "trainer")
+
+
+def with_preset(container: Container, preset: str) -> Container:
+    """The same container run with E3_PRESET=preset, as an operator selects a preset."""
+    return Container(f"{container.where} [E3_PRESET={preset}]", container.service, container.argv,
+                     {**container.env, "E3_PRESET": preset}, container.config_file)
+
+
+def path_problems(container: Container, resolved: Resolved) -> list[str]:
+    """Paths the service opens must be absolute (they are handed between containers), and it needs a model."""
+    out = [f"{container.where}: {role} {path} is relative; it would depend on the container's working directory"
+           for role, (path, _) in resolved.paths.items() if not path.startswith("/")]
+    if container.service in NEEDS_BASE_MODEL and "base_model" not in resolved.paths:
+        out.append(f"{container.where}: preset {resolved.config.preset!r} names no base_model and nothing sets one "
+                   "(E3_BASE_MODEL); the service stops at start")
+    return out
 
 
 def serving_problems(container: Container, resolved: Resolved) -> list[str]:

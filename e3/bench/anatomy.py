@@ -3,13 +3,15 @@
 Training is on-policy and synchronous, so a step's wall time (from one
 acknowledged report to the next) is a sequence: the replica loads the new
 weights, samples, scores, submits; the batch streams to the trainer; the
-trainer updates, publishes the next weights, maybe validates, checkpoints
-and reports. Phases, per step:
+trainer updates, publishes the next weights, checkpoints and reports. Phases, per step:
 
 - generate, score: the replica's sampling and scoring seconds for the step's
   leases (the scheduler's report entry; with several replicas, the busiest);
 - transfer: the batch streaming from the scheduler into the trainer;
-- train: the GRPO update; validate: validation pass@1 and greedy, on validation steps;
+- train: the GRPO update; validate: the trainer's own validation, which
+  runs no more (0 in runs since validation tasks are sampled and scored by
+  the replicas with the step, inside generate and score; kept so that
+  results written before that still read);
 - weight sync: the trainer writing the next policy plus the replicas'
   in-place reload of the policy this step sampled with (their mean pause);
 - checkpoint: model and optimizer state to disk; report: the ReportStep

@@ -24,39 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x65\x33.proto\x12\x05\x65\x33.v1\"]\n\x0cLeaseRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmax_tasks\x18\x02 \x01(\r\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"\xfb\x01\n\x0bRolloutTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0bquestion_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x10\n\x08verifier\x18\x06 \x01(\t\x12\x14\n\x0cground_truth\x18\x07 \x01(\t\x12\x13\n\x0bnum_samples\x18\x08 \x01(\r\x12\x13\n\x0btemperature\x18\t \x01(\x01\x12\x16\n\x0epolicy_version\x18\n \x01(\x04\x12\x18\n\x10lease_expires_at\x18\x0b \x01(\x01\x12\x12\n\nmax_tokens\x18\x0c \x01(\r\"\x86\x01\n\nLeaseReply\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.e3.v1.RolloutTask\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x14\n\x0cweights_path\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"\xa5\x01\n\x06Sample\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\r\x12\x19\n\x11response_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06reward\x18\x05 \x01(\x02\x12\x15\n\rreward_reason\x18\x06 \x01(\t\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\"\xb6\x01\n\x0bGroupResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\x1e\n\x07samples\x18\x06 \x03(\x0b\x32\r.e3.v1.Sample\x12\x12\n\ngenerate_s\x18\x07 \x01(\x01\x12\x0f\n\x07score_s\x18\x08 \x01(\x01\"g\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x18\n\x10step_groups_done\x18\x03 \x01(\r\x12\x19\n\x11step_groups_total\x18\x04 \x01(\r\"^\n\x0c\x42\x61tchRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1c\n\x14max_groups_per_chunk\x18\x03 \x01(\r\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"\x9d\x01\n\x05Group\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bquestion_id\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x1e\n\x07samples\x18\x05 \x03(\x0b\x32\r.e3.v1.Sample\x12\r\n\x05level\x18\x06 \x01(\r\x12\x12\n\nreplica_id\x18\x07 \x01(\t\"\x89\x01\n\nBatchChunk\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_groups\x18\x04 \x01(\r\x12\x1c\n\x06groups\x18\x05 \x03(\x0b\x32\x0c.e3.v1.Group\x12\x0c\n\x04last\x18\x06 \x01(\x08\"\xf1\x01\n\nStepReport\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntropy\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x1a\n\x12new_policy_version\x18\x05 \x01(\x04\x12\x14\n\x0cweights_path\x18\x06 \x01(\t\x12/\n\x07metrics\x18\x07 \x03(\x0b\x32\x1e.e3.v1.StepReport.MetricsEntry\x12\x0f\n\x07skipped\x18\x08 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"`\n\x07StepAck\x12\x11\n\tnext_step\x18\x01 \x01(\x04\x12\x18\n\x10next_temperature\x18\x02 \x01(\x01\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x16\n\x0e\x65ntropy_target\x18\x04 \x01(\x01\x32\xe2\x01\n\tScheduler\x12\x34\n\nLeaseTasks\x12\x13.e3.v1.LeaseRequest\x1a\x11.e3.v1.LeaseReply\x12\x35\n\x0bSubmitGroup\x12\x12.e3.v1.GroupResult\x1a\x12.e3.v1.SubmitReply\x12\x37\n\x0bStreamBatch\x12\x13.e3.v1.BatchRequest\x1a\x11.e3.v1.BatchChunk0\x01\x12/\n\nReportStep\x12\x11.e3.v1.StepReport\x1a\x0e.e3.v1.StepAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x65\x33.proto\x12\x05\x65\x33.v1\"]\n\x0cLeaseRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmax_tasks\x18\x02 \x01(\r\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"\xa1\x02\n\x0bRolloutTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0bquestion_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x10\n\x08verifier\x18\x06 \x01(\t\x12\x14\n\x0cground_truth\x18\x07 \x01(\t\x12\x13\n\x0bnum_samples\x18\x08 \x01(\r\x12\x13\n\x0btemperature\x18\t \x01(\x01\x12\x16\n\x0epolicy_version\x18\n \x01(\x04\x12\x18\n\x10lease_expires_at\x18\x0b \x01(\x01\x12\x12\n\nmax_tokens\x18\x0c \x01(\r\x12$\n\x08messages\x18\r \x03(\x0b\x32\x12.e3.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x86\x01\n\nLeaseReply\x12!\n\x05tasks\x18\x01 \x03(\x0b\x32\x12.e3.v1.RolloutTask\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x14\n\x0cweights_path\x18\x03 \x01(\t\x12\x15\n\rretry_after_s\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"\xa5\x01\n\x06Sample\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x1a\n\x12response_token_ids\x18\x02 \x03(\r\x12\x19\n\x11response_logprobs\x18\x03 \x03(\x02\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06reward\x18\x05 \x01(\x02\x12\x15\n\rreward_reason\x18\x06 \x01(\t\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\"\xb6\x01\n\x0bGroupResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x13\n\x0btemperature\x18\x05 \x01(\x01\x12\x1e\n\x07samples\x18\x06 \x03(\x0b\x32\r.e3.v1.Sample\x12\x12\n\ngenerate_s\x18\x07 \x01(\x01\x12\x0f\n\x07score_s\x18\x08 \x01(\x01\"g\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x18\n\x10step_groups_done\x18\x03 \x01(\r\x12\x19\n\x11step_groups_total\x18\x04 \x01(\r\"^\n\x0c\x42\x61tchRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1c\n\x14max_groups_per_chunk\x18\x03 \x01(\r\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"\x9d\x01\n\x05Group\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bquestion_id\x18\x02 \x01(\t\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x1e\n\x07samples\x18\x05 \x03(\x0b\x32\r.e3.v1.Sample\x12\r\n\x05level\x18\x06 \x01(\r\x12\x12\n\nreplica_id\x18\x07 \x01(\t\"\x9c\x02\n\nBatchChunk\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_groups\x18\x04 \x01(\r\x12\x1c\n\x06groups\x18\x05 \x03(\x0b\x32\x0c.e3.v1.Group\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\'\n\x0c\x66\x61iled_tasks\x18\x07 \x03(\x0b\x32\x11.e3.v1.FailedTask\x12\x35\n\nvalidation\x18\x08 \x03(\x0b\x32!.e3.v1.BatchChunk.ValidationEntry\x1a\x31\n\x0fValidationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf1\x01\n\nStepReport\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07\x65ntropy\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x1a\n\x12new_policy_version\x18\x05 \x01(\x04\x12\x14\n\x0cweights_path\x18\x06 \x01(\t\x12/\n\x07metrics\x18\x07 \x03(\x0b\x32\x1e.e3.v1.StepReport.MetricsEntry\x12\x0f\n\x07skipped\x18\x08 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"`\n\x07StepAck\x12\x11\n\tnext_step\x18\x01 \x01(\x04\x12\x18\n\x10next_temperature\x18\x02 \x01(\x01\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x16\n\x0e\x65ntropy_target\x18\x04 \x01(\x01\"-\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"C\n\x0cRenewRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x1f\n\x06leases\x18\x02 \x03(\x0b\x32\x0f.e3.v1.LeaseRef\"W\n\nRenewReply\x12\x18\n\x10renewed_task_ids\x18\x01 \x03(\t\x12\x15\n\rlost_task_ids\x18\x02 \x03(\t\x12\x18\n\x10lease_expires_at\x18\x03 \x01(\x01\"d\n\x0bTaskFailure\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"3\n\x0eTaskFailureAck\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x02 \x01(\r\"x\n\nFailedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bquestion_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\r2\xd9\x02\n\tScheduler\x12\x34\n\nLeaseTasks\x12\x13.e3.v1.LeaseRequest\x1a\x11.e3.v1.LeaseReply\x12\x35\n\x0bSubmitGroup\x12\x12.e3.v1.GroupResult\x1a\x12.e3.v1.SubmitReply\x12\x37\n\x0bStreamBatch\x12\x13.e3.v1.BatchRequest\x1a\x11.e3.v1.BatchChunk0\x01\x12/\n\nReportStep\x12\x11.e3.v1.StepReport\x1a\x0e.e3.v1.StepAck\x12\x35\n\x0bRenewLeases\x12\x13.e3.v1.RenewRequest\x1a\x11.e3.v1.RenewReply\x12>\n\x11ReportTaskFailure\x12\x12.e3.v1.TaskFailure\x1a\x15.e3.v1.TaskFailureAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'e3_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BATCHCHUNK_VALIDATIONENTRY']._loaded_options = None
+  _globals['_BATCHCHUNK_VALIDATIONENTRY']._serialized_options = b'8\001'
   _globals['_STEPREPORT_METRICSENTRY']._loaded_options = None
   _globals['_STEPREPORT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_LEASEREQUEST']._serialized_start=19
   _globals['_LEASEREQUEST']._serialized_end=112
   _globals['_ROLLOUTTASK']._serialized_start=115
-  _globals['_ROLLOUTTASK']._serialized_end=366
-  _globals['_LEASEREPLY']._serialized_start=369
-  _globals['_LEASEREPLY']._serialized_end=503
-  _globals['_SAMPLE']._serialized_start=506
-  _globals['_SAMPLE']._serialized_end=671
-  _globals['_GROUPRESULT']._serialized_start=674
-  _globals['_GROUPRESULT']._serialized_end=856
-  _globals['_SUBMITREPLY']._serialized_start=858
-  _globals['_SUBMITREPLY']._serialized_end=961
-  _globals['_BATCHREQUEST']._serialized_start=963
-  _globals['_BATCHREQUEST']._serialized_end=1057
-  _globals['_GROUP']._serialized_start=1060
-  _globals['_GROUP']._serialized_end=1217
-  _globals['_BATCHCHUNK']._serialized_start=1220
-  _globals['_BATCHCHUNK']._serialized_end=1357
-  _globals['_STEPREPORT']._serialized_start=1360
-  _globals['_STEPREPORT']._serialized_end=1601
-  _globals['_STEPREPORT_METRICSENTRY']._serialized_start=1555
-  _globals['_STEPREPORT_METRICSENTRY']._serialized_end=1601
-  _globals['_STEPACK']._serialized_start=1603
-  _globals['_STEPACK']._serialized_end=1699
-  _globals['_SCHEDULER']._serialized_start=1702
-  _globals['_SCHEDULER']._serialized_end=1928
+  _globals['_ROLLOUTTASK']._serialized_end=404
+  _globals['_CHATMESSAGE']._serialized_start=406
+  _globals['_CHATMESSAGE']._serialized_end=450
+  _globals['_LEASEREPLY']._serialized_start=453
+  _globals['_LEASEREPLY']._serialized_end=587
+  _globals['_SAMPLE']._serialized_start=590
+  _globals['_SAMPLE']._serialized_end=755
+  _globals['_GROUPRESULT']._serialized_start=758
+  _globals['_GROUPRESULT']._serialized_end=940
+  _globals['_SUBMITREPLY']._serialized_start=942
+  _globals['_SUBMITREPLY']._serialized_end=1045
+  _globals['_BATCHREQUEST']._serialized_start=1047
+  _globals['_BATCHREQUEST']._serialized_end=1141
+  _globals['_GROUP']._serialized_start=1144
+  _globals['_GROUP']._serialized_end=1301
+  _globals['_BATCHCHUNK']._serialized_start=1304
+  _globals['_BATCHCHUNK']._serialized_end=1588
+  _globals['_BATCHCHUNK_VALIDATIONENTRY']._serialized_start=1539
+  _globals['_BATCHCHUNK_VALIDATIONENTRY']._serialized_end=1588
+  _globals['_STEPREPORT']._serialized_start=1591
+  _globals['_STEPREPORT']._serialized_end=1832
+  _globals['_STEPREPORT_METRICSENTRY']._serialized_start=1786
+  _globals['_STEPREPORT_METRICSENTRY']._serialized_end=1832
+  _globals['_STEPACK']._serialized_start=1834
+  _globals['_STEPACK']._serialized_end=1930
+  _globals['_LEASEREF']._serialized_start=1932
+  _globals['_LEASEREF']._serialized_end=1977
+  _globals['_RENEWREQUEST']._serialized_start=1979
+  _globals['_RENEWREQUEST']._serialized_end=2046
+  _globals['_RENEWREPLY']._serialized_start=2048
+  _globals['_RENEWREPLY']._serialized_end=2135
+  _globals['_TASKFAILURE']._serialized_start=2137
+  _globals['_TASKFAILURE']._serialized_end=2237
+  _globals['_TASKFAILUREACK']._serialized_start=2239
+  _globals['_TASKFAILUREACK']._serialized_end=2290
+  _globals['_FAILEDTASK']._serialized_start=2292
+  _globals['_FAILEDTASK']._serialized_end=2412
+  _globals['_SCHEDULER']._serialized_start=2415
+  _globals['_SCHEDULER']._serialized_end=2760
 # @@protoc_insertion_point(module_scope)

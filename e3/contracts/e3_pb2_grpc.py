@@ -54,6 +54,16 @@ class SchedulerStub:
                 request_serializer=e3__pb2.StepReport.SerializeToString,
                 response_deserializer=e3__pb2.StepAck.FromString,
                 _registered_method=True)
+        self.RenewLeases = channel.unary_unary(
+                '/e3.v1.Scheduler/RenewLeases',
+                request_serializer=e3__pb2.RenewRequest.SerializeToString,
+                response_deserializer=e3__pb2.RenewReply.FromString,
+                _registered_method=True)
+        self.ReportTaskFailure = channel.unary_unary(
+                '/e3.v1.Scheduler/ReportTaskFailure',
+                request_serializer=e3__pb2.TaskFailure.SerializeToString,
+                response_deserializer=e3__pb2.TaskFailureAck.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -93,6 +103,26 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewLeases(self, request, context):
+        """A replica keeps the leases it is still working on alive (a heartbeat):
+        each lease still held under that lease_id by that replica gets a fresh
+        expiry of now + scheduler.lease_s; the others are reported lost (they
+        expired, were released, or their task is finished) and must not be submitted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTaskFailure(self, request, context):
+        """A replica could not produce a task's group (the prompt does not fit the
+        model, the engine failed...). Below scheduler.max_task_failures the task
+        goes back to the queue at once; at the limit it is marked failed: it
+        counts as finished for its step, contributes no group, and is recorded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +145,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ReportStep,
                     request_deserializer=e3__pb2.StepReport.FromString,
                     response_serializer=e3__pb2.StepAck.SerializeToString,
+            ),
+            'RenewLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLeases,
+                    request_deserializer=e3__pb2.RenewRequest.FromString,
+                    response_serializer=e3__pb2.RenewReply.SerializeToString,
+            ),
+            'ReportTaskFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTaskFailure,
+                    request_deserializer=e3__pb2.TaskFailure.FromString,
+                    response_serializer=e3__pb2.TaskFailureAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +265,60 @@ class Scheduler:
             '/e3.v1.Scheduler/ReportStep',
             e3__pb2.StepReport.SerializeToString,
             e3__pb2.StepAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/e3.v1.Scheduler/RenewLeases',
+            e3__pb2.RenewRequest.SerializeToString,
+            e3__pb2.RenewReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTaskFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/e3.v1.Scheduler/ReportTaskFailure',
+            e3__pb2.TaskFailure.SerializeToString,
+            e3__pb2.TaskFailureAck.FromString,
             options,
             channel_credentials,
             insecure,

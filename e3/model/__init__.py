@@ -1,1 +1,1 @@
-"""The tiny base policy: character tokenizer, Llama builder, supervised warm-start, evaluation."""
+"""The tiny base policies (a character-level Llama, a BPE Qwen2), their warm-start and evaluation, and model loading."""

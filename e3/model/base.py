@@ -1,14 +1,17 @@
 """The base policy: build the warm-started model directory once, then reuse it.
 
 `ensure_base_model()` returns `root/base-model-<hash>`, where the hash covers
-the whole warm-start recipe (model sizes, level mix, steps, seed, ...) and
-RECIPE_VERSION, so changing any of them builds a new directory and never
-serves stale weights. A build happens in a temporary directory beside the
+the whole warm-start recipe (architecture, model sizes, level mix, steps,
+seed, ...), a trained tokenizer's settings and RECIPE_VERSION, so changing
+any of them builds a new directory and never serves stale weights. Two
+architectures are built (e3/model/architectures.py): the character-level
+Llama ("llama", the default) and a Qwen2 with a BPE tokenizer and a chat
+template ("qwen2"). A build happens in a temporary directory beside the
 final one and is renamed into place only when complete (weights, tokenizer
 and warmstart.json), and a lock file serialises concurrent callers, so a
 reader never sees a half-written model.
 
-Run `python -m e3.model.base` to build or reuse it and print the report.
+Run `python -m e3.model.base [--architecture qwen2]` to build or reuse it and print the report.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
+from e3.model import architectures
 from e3.model.evaluate import accuracy_of
-from e3.model.llama import count_parameters, save_model_dir
+from e3.model.llama import count_parameters
+from e3.model.loading import load_causal_lm, load_tokenizer
 from e3.model.warmstart import Recipe, timed_train
 from e3.tasks import arithmetic
 
@@ -41,26 +45,35 @@ EVAL_SEED = 0
 SAMPLED_EVAL = (8, 1.0)  # samples per question and temperature of the report's pass@1
 
 
-def default_recipe(seed: int = 0) -> Recipe:
-    """The warm-start recipe the project uses, with the given seed."""
-    return replace(Recipe(), seed=seed)
+def default_recipe(seed: int = 0, architecture: str = "llama") -> Recipe:
+    """The warm-start recipe the project uses for `architecture` ("llama" or "qwen2"), with the given seed."""
+    return replace(Recipe(), seed=seed, architecture=architecture, spec=architectures.default_spec(architecture))
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """A short stable digest of everything that decides the base model."""
-    payload = {"version": RECIPE_VERSION, "recipe": asdict(recipe), "eval": [EVAL_PER_LEVEL, EVAL_SEED]}
+    """A short stable digest of everything that decides the base model (a trained tokenizer's settings too)."""
+    fields = asdict(recipe)
+    if recipe.architecture == "llama":
+        # Llama directories built before the architecture was a recipe field keep their hash and are reused.
+        del fields["architecture"]
+    payload = {"version": RECIPE_VERSION, "recipe": fields, "eval": [EVAL_PER_LEVEL, EVAL_SEED]}
+    tokenizer = architectures.tokenizer_settings(recipe.architecture)
+    if tokenizer is not None:
+        payload["tokenizer"] = tokenizer
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def ensure_base_model(root: Path = Path("artifacts"), seed: int = 0, recipe: Recipe | None = None) -> Path:
-    """The directory of the warm-started base model under `root`, building it if missing.
+def ensure_base_model(root: Path = Path("artifacts"), seed: int = 0, recipe: Recipe | None = None,
+                      architecture: str = "llama") -> Path:
+    """The directory of the warm-started base model of `architecture` under `root`, building it if missing.
 
-    `recipe` overrides the default recipe (then `seed` is ignored in favour
-    of `recipe.seed`). The result holds config.json, model.safetensors,
-    generation_config.json, the tokenizer files and warmstart.json.
+    `recipe` overrides the default recipe (then `seed` and `architecture`
+    are ignored in favour of the recipe's own). The result holds
+    config.json, model.safetensors, generation_config.json, the tokenizer
+    files and warmstart.json.
     """
-    recipe = recipe if recipe is not None else default_recipe(seed)
+    recipe = recipe if recipe is not None else default_recipe(seed, architecture)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"base-model-{recipe_hash(recipe)}"
@@ -84,10 +97,16 @@ def ensure_base_model(root: Path = Path("artifacts"), seed: int = 0, recipe: Rec
 
 
 def _build(recipe: Recipe, directory: Path) -> None:
-    """Train, save and evaluate into `directory`; the report is written last."""
-    model, train_seconds = timed_train(recipe)
-    save_model_dir(model, directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    """Train, save and evaluate into `directory`; the report is written last.
+
+    The tokenizer is written first (a BPE one is trained then) and the
+    warm-start uses it as loaded from there; the report evaluates the model
+    as loaded back from the saved directory, so it measures what is served.
+    """
+    tokenizer = architectures.write_tokenizer(recipe.architecture, directory)
+    trained, train_seconds = timed_train(recipe, tokenizer=tokenizer)
+    architectures.save_model_dir(recipe.architecture, trained, directory, directory)
+    model, tokenizer = load_causal_lm(directory), load_tokenizer(directory)
     questions = arithmetic.make_questions("valid", EVAL_PER_LEVEL * len(arithmetic.LEVELS), seed=EVAL_SEED)
     start = time.perf_counter()
     accuracy = accuracy_of(model, tokenizer, questions)
@@ -97,6 +116,9 @@ def _build(recipe: Recipe, directory: Path) -> None:
         "recipe_version": RECIPE_VERSION,
         "recipe": asdict(recipe),
         "seed": recipe.seed,
+        "architecture": recipe.architecture,
+        "model_class": type(model).__name__,
+        "vocab_size": len(tokenizer),
         "parameters": count_parameters(model),
         "wall_time_s": round(train_seconds, 1),
         "eval_time_s": round(time.perf_counter() - start, 1),
@@ -125,12 +147,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("artifacts"), help="where model directories live")
     parser.add_argument("--seed", type=int, default=0, help="warm-start seed")
+    parser.add_argument("--architecture", choices=architectures.ARCHITECTURES, default="llama",
+                        help="llama: character tokenizer; qwen2: BPE tokenizer and chat template")
     args = parser.parse_args()
     start = time.perf_counter()
-    directory = ensure_base_model(args.root, args.seed)
+    directory = ensure_base_model(args.root, args.seed, architecture=args.architecture)
     report = read_report(directory)
     print(f"base model: {directory} (ready in {time.perf_counter() - start:.1f}s)")
-    print(f"parameters: {report['parameters']:,}  warm-start: {report['wall_time_s']}s  seed: {report['seed']}")
+    print(f"{report.get('model_class', 'LlamaForCausalLM')}, parameters: {report['parameters']:,}  "
+          f"warm-start: {report['wall_time_s']}s  seed: {report['seed']}")
     samples, temperature = report["valid_pass1_samples_temperature"]
     print(f"valid accuracy per level: greedy, and pass@1 (mean over {samples} samples at T = {temperature:g})")
     for level, acc in report["valid_accuracy"].items():

@@ -1,4 +1,10 @@
-"""Supervised warm-start: teach the tiny Llama the arithmetic format and some of the skill.
+"""Supervised warm-start: teach a tiny base model the arithmetic format and some of the skill.
+
+Either architecture (`Recipe.architecture`, see e3/model/architectures.py)
+trains on the same rows: the prompt as every model is shown it
+(`e3.tasks.prompts.render_prompt_ids`: the Llama's BOS + characters, or the
+Qwen2's chat template ending in its generation prompt), then the answer
+tokens and the tokenizer's eos (<eos>, or <|im_end|> to end the chat turn).
 
 The E3 experiments need a base policy with graded competence: near-perfect on
 the easy levels, near zero on the hardest, and partial in the middle so RL
@@ -17,15 +23,15 @@ measures it as pass@1 (mean over samples). A warm-start on clean labels
 leaves the tiny model with little of this gap, so we show a share of the
 answers with one digit off by one, drawn afresh in every batch.
 
-Calibration (seed 0, 1,200 steps of 128, label_noise 0.3, 129 s on two idle
-cores; 175 valid questions per level): greedy accuracy L1 0.95, L2 0.86,
+Calibration of the Llama (seed 0, 1,200 steps of 128, label_noise 0.3,
+129 s on two idle cores; 175 valid questions per level): greedy accuracy L1 0.95, L2 0.86,
 L3 0.59, L4 0.09, L5 0.02, and pass@1 (8 samples at T = 1) L1 0.67, L2 0.56,
 L3 0.35, L4 0.06, L5 0.01: about a third lower.
 Competence is very sensitive to the mix (giving levels 2 and 3 a few points
 more weight lets addition "click"), so re-check the report after any change.
 
 Plain PyTorch on CPU: AdamW, linear warm-up then cosine decay, cross-entropy
-on the answer tokens and <eos> only (the prompt is given, not predicted).
+on the answer tokens and the eos only (the prompt is given, not predicted).
 Every batch is drawn from a generator seeded by the recipe's seed, and torch
 runs on a fixed number of threads, so the same recipe gives the same weights.
 """
@@ -33,18 +39,18 @@ runs on a fixed number of threads, so the same recipe gives the same weights.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
-from e3.model import tokenizer as tok
-from e3.model.llama import ModelSpec, build_model
+from e3.model import architectures
+from e3.model.llama import ModelSpec
 from e3.tasks import arithmetic
-
-# Worst case "<bos>99*99=9801<eos>": <bos>, 6 prompt chars, 4 answer chars, <eos>.
-SEQ_LEN = 12
+from e3.tasks.prompts import PLAIN_TEMPLATE, render_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class Recipe:
     """Everything that decides the warm-started weights (its JSON is hashed into the cache key)."""
 
     spec: ModelSpec = field(default_factory=ModelSpec)
+    # "llama" (character tokenizer, plain prompts) or "qwen2" (BPE, chat template); see e3/model/architectures.py.
+    architecture: architectures.Architecture = "llama"
     # Share of each level in every SFT batch; they need not sum to one.
     level_weights: dict[int, float] = field(
         default_factory=lambda: {1: 0.36, 2: 0.12, 3: 0.18, 4: 0.20, 5: 0.14}
@@ -68,6 +76,7 @@ class Recipe:
     label_noise: float = 0.3
 
     def __post_init__(self) -> None:
+        architectures.check_architecture(self.architecture)
         unknown = set(self.level_weights) - set(arithmetic.LEVELS)
         if unknown:
             raise ValueError(f"level_weights has unknown levels {sorted(unknown)}")
@@ -79,24 +88,33 @@ class Recipe:
             raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
 
 
-def encode_pool(level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All warm-start ("sft" split) questions of a level as (tokens, loss mask), each [n, SEQ_LEN].
+def encode_pool(level: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """All warm-start ("sft" split) questions of a level as (tokens, loss mask), each [n, longest row].
 
-    tokens[i] is <bos> prompt answer <eos> right-padded with <pad>;
-    mask[i, t] is 1 where tokens[i, t] is to be predicted from the prefix.
+    tokens[i] is the prompt as every model sees it (`render_prompt_ids`: the
+    chat template and its generation prompt where the tokenizer has one,
+    else BOS + the characters), then the answer tokens and the tokenizer's
+    eos, right-padded with its pad token; mask[i, t] is 1 where tokens[i, t]
+    is to be predicted from the prefix (the answer and eos).
     """
-    ids = tok.special_ids()
-    vocab = tok.build_tokenizer().get_vocab()
     questions = arithmetic.make_questions("sft", arithmetic.pool_size(level, "sft"), seed=0, levels=[level])
-    tokens = torch.full((len(questions), SEQ_LEN), ids["pad"], dtype=torch.long)
-    mask = torch.zeros((len(questions), SEQ_LEN), dtype=torch.float32)
-    for i, q in enumerate(questions):
-        prompt = [ids["bos"]] + [vocab[c] for c in q.prompt]
-        answer = [vocab[c] for c in q.answer] + [ids["eos"]]
-        row = prompt + answer
+    rows, starts = [], []
+    for q in questions:
+        prompt = render_prompt_ids(tokenizer, q, PLAIN_TEMPLATE)
+        answer = tokenizer(q.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        starts.append(len(prompt))
+    width = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, (row, start) in enumerate(zip(rows, starts)):
         tokens[i, : len(row)] = torch.tensor(row)
-        mask[i, len(prompt) : len(row)] = 1.0
+        mask[i, start : len(row)] = 1.0
     return tokens, mask
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
 def batch_counts(recipe: Recipe) -> dict[int, int]:
@@ -110,13 +128,14 @@ def batch_counts(recipe: Recipe) -> dict[int, int]:
     return {lv: n for lv, n in counts.items() if n > 0}
 
 
-def corrupt_answers(tokens: torch.Tensor, mask: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+def corrupt_answers(tokens: torch.Tensor, mask: torch.Tensor, rate: float, gen: torch.Generator,
+                    digits: torch.Tensor) -> torch.Tensor:
     """A copy of `tokens` where a `rate` share of rows has one answer digit moved one up or down (mod 10).
 
     Only digit tokens under the loss mask change (never the sign, <eos> or
     the prompt), so a corrupted row is still a well-formed, wrong answer.
+    `digits` holds the token ids of "0".."9" in that order (`digit_ids`).
     """
-    digits = _digit_ids()
     is_digit = torch.isin(tokens, digits) & (mask > 0)
     chosen = (torch.rand(tokens.shape[0], generator=gen) < rate) & is_digit.any(dim=1)
     out = tokens.clone()
@@ -125,18 +144,21 @@ def corrupt_answers(tokens: torch.Tensor, mask: torch.Tensor, rate: float, gen: 
     position = scores.argmax(dim=1)
     rows = chosen.nonzero().squeeze(1)
     cols = position[rows]
-    value = (out[rows, cols] - digits[0]) % 10  # digit ids are consecutive, "0" first
+    # A BPE vocabulary need not number the digits consecutively: map id -> value through a table.
+    value_of = torch.zeros(int(max(tokens.max(), digits.max())) + 1, dtype=torch.long)
+    value_of[digits] = torch.arange(10)
+    value = value_of[out[rows, cols]]
     shift = torch.where(torch.rand(len(rows), generator=gen) < 0.5, -1, 1)
-    out[rows, cols] = digits[0] + (value + shift) % 10
+    out[rows, cols] = digits[(value + shift) % 10]
     return out
 
 
-def _digit_ids() -> torch.Tensor:
-    vocab = tok.build_tokenizer().get_vocab()
-    ids = torch.tensor([vocab[str(d)] for d in range(10)])
-    if not torch.equal(ids, ids[0] + torch.arange(10)):
-        raise AssertionError(f"the character tokenizer's digit ids are not consecutive: {ids.tolist()}")
-    return ids
+def digit_ids(tokenizer) -> torch.Tensor:
+    """The token ids of "0".."9"; each digit must be a single token (both tokenizers split digits)."""
+    ids = [tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the tokenizer does not encode every digit as one token: {ids}")
+    return torch.tensor([i[0] for i in ids])
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -147,27 +169,39 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(recipe: Recipe, log=None) -> LlamaForCausalLM:
-    """Warm-start a fresh model by `recipe`; `log(step, loss, model)` is called every 100 steps if given."""
+def train(recipe: Recipe, log=None, tokenizer=None) -> PreTrainedModel:
+    """Warm-start a fresh model by `recipe`; `log(step, loss, model)` is called every 100 steps if given.
+
+    `tokenizer` is the recipe architecture's tokenizer as saved beside the
+    model (base.py passes the one it wrote); without it one is written to a
+    temporary directory and loaded from there.
+    """
     # Thread count and deterministic kernels are process-wide; restore them so
     # a caller (a trainer service, a test) keeps its own settings.
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(recipe, log)
+        if tokenizer is None:
+            with tempfile.TemporaryDirectory(prefix="e3-tokenizer-") as directory:
+                tokenizer = architectures.write_tokenizer(recipe.architecture, Path(directory))
+        return _train(recipe, log, tokenizer)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _train(recipe: Recipe, log) -> LlamaForCausalLM:
-    model = build_model(recipe.spec, recipe.seed)
+def _train(recipe: Recipe, log, tokenizer) -> PreTrainedModel:
+    model = architectures.build_model(recipe.architecture, recipe.spec, recipe.seed, tokenizer)
     model.train()
     counts = batch_counts(recipe)
-    pools = {lv: encode_pool(lv) for lv in counts}
+    pools = {lv: encode_pool(lv, tokenizer) for lv in counts}
+    # One width for every batch: the longest row of any level in the mix.
+    width = max(tokens.shape[1] for tokens, _ in pools.values())
+    pools = {lv: (_pad_to(t, width, tokenizer.pad_token_id), _pad_to(m, width, 0.0)) for lv, (t, m) in pools.items()}
+    digits = digit_ids(tokenizer)
     gen = torch.Generator().manual_seed(recipe.seed)
-    # Norm gains (the only 1-D weights; Llama has no biases) are not decayed.
+    # Norm gains and biases (the 1-D weights; Llama has no biases, Qwen2 has q/k/v ones) are not decayed.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optim = torch.optim.AdamW(
@@ -184,7 +218,7 @@ def _train(recipe: Recipe, log) -> LlamaForCausalLM:
             masks.append(mask_lv[idx])
         tokens, mask = torch.cat(rows), torch.cat(masks)
         if recipe.label_noise > 0:
-            tokens = corrupt_answers(tokens, mask, recipe.label_noise, gen)
+            tokens = corrupt_answers(tokens, mask, recipe.label_noise, gen, digits)
         # Right padding needs no attention mask: causal attention never lets
         # a real token see the pads that follow it, and pads carry no loss.
         logits = model(input_ids=tokens).logits[:, :-1]
@@ -203,8 +237,8 @@ def _train(recipe: Recipe, log) -> LlamaForCausalLM:
     return model
 
 
-def timed_train(recipe: Recipe, log=None) -> tuple[LlamaForCausalLM, float]:
+def timed_train(recipe: Recipe, log=None, tokenizer=None) -> tuple[PreTrainedModel, float]:
     """`train` plus its wall time in seconds."""
     start = time.perf_counter()
-    model = train(recipe, log)
+    model = train(recipe, log, tokenizer)
     return model, time.perf_counter() - start

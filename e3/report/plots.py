@@ -52,9 +52,6 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
     practice = [(r["step"] + 1, r["train_accuracy"]) for r in evals if "train_accuracy" in r]
     if practice:
         ax.plot(*zip(*practice), "k:", marker="s", label="RL questions (all)")
-    greedy = [(r["step"] + 1, r["val_greedy_accuracy"]) for r in evals if "val_greedy_accuracy" in r]
-    if greedy:
-        ax.plot(*zip(*greedy), "--", color="grey", marker="^", label="all, greedy")
     ax.set(xlabel="steps trained", ylabel="pass@1 (mean over samples)", title="Validation accuracy by level",
            ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, ncol=2)

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from e3.store.base import (
+    FailOutcome,
+    FailResult,
+    RenewResult,
     StepAlreadyPlanned,
     Store,
     StoreCounters,
@@ -19,9 +22,12 @@ from e3.store.memory import MemoryStore, SnapshotError
 from e3.store.redis_store import RedisStore, RedisUnavailable, mask_url
 
 __all__ = [
+    "FailOutcome",
+    "FailResult",
     "MemoryStore",
     "RedisStore",
     "RedisUnavailable",
+    "RenewResult",
     "SnapshotError",
     "StepAlreadyPlanned",
     "Store",

@@ -3,8 +3,8 @@
 The scheduler keeps everything that must survive it here: its state document
 (step, epoch, temperature state, policy version...), per-question statistics,
 the current ranks, each step's rollout tasks with their leases, and the
-finished groups. Every operation that several replicas can race on (lease,
-expire, complete) is atomic in both backends.
+finished groups and failed tasks. Every operation that several replicas can
+race on (lease, renew, expire, complete, fail) is atomic in both backends.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class TaskStatus(str, enum.Enum):
     PENDING = "pending"
     LEASED = "leased"
     DONE = "done"
+    FAILED = "failed"  # reported failed max_failures times: finished, with no group
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TaskRecord:
     leased_by: str = ""
     lease_expires_at: float = 0.0
     times_leased: int = 0
+    failures: int = 0  # ReportTaskFailure calls counted for this task
 
 
 class SubmitOutcome(str, enum.Enum):
@@ -51,6 +53,29 @@ class SubmitOutcome(str, enum.Enum):
 @dataclass(frozen=True)
 class SubmitResult:
     outcome: SubmitOutcome
+    step_done: int = 0
+    step_total: int = 0
+
+
+@dataclass(frozen=True)
+class RenewResult:
+    renewed: list[str]  # task ids whose lease now expires at `expires_at`
+    lost: list[str]  # task ids not (or no longer) leased under that lease id by that replica
+    expires_at: float
+
+
+class FailOutcome(str, enum.Enum):
+    REQUEUED = "requeued"  # below the limit: back at the queue's front
+    FAILED = "failed"  # at the limit: finished, no group, recorded
+    STALE = "stale"  # the lease named is not held (expired, released, another replica's): nothing counted
+    FINISHED = "finished"  # the task is already done or failed
+    UNKNOWN = "unknown"  # no such task
+
+
+@dataclass(frozen=True)
+class FailResult:
+    outcome: FailOutcome
+    failures: int = 0
     step_done: int = 0
     step_total: int = 0
 
@@ -119,28 +144,46 @@ class Store(ABC):
         whatever its lease's expiry (an operator knows the replica is gone); their ids."""
 
     @abstractmethod
+    def renew(self, replica_id: str, leases: Sequence[tuple[str, str]], now: float, lease_s: float) -> RenewResult:
+        """Extend to now + lease_s each (task_id, lease_id) still leased under that
+        lease_id by `replica_id`; the others are lost. A lease whose expiry has
+        passed but that expire_leases has not collected yet is still renewed."""
+
+    @abstractmethod
+    def fail(self, task_id: str, lease_id: str, replica_id: str, reason: str, detail: str, max_failures: int) -> FailResult:
+        """Count a failure of a task leased under `lease_id` by `replica_id`, atomically:
+        below `max_failures` the task goes back to the queue's front; at it the task is
+        FAILED, finished for step progress, and its failure recorded (step_failures)."""
+
+    @abstractmethod
     def leases(self) -> list[TaskRecord]:
         """The leased tasks, earliest expiry first."""
 
     @abstractmethod
     def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
         """Mark a task done, keep its group and add its rewards to the question's
-        statistics, all at once; a second completion is a DUPLICATE and changes nothing."""
+        statistics, all at once; completing a finished (done or failed) task is a
+        DUPLICATE and changes nothing."""
 
     @abstractmethod
     def task(self, task_id: str) -> TaskRecord | None: ...
 
     @abstractmethod
     def step_progress(self, step: int) -> tuple[int, int]:
-        """(tasks done, tasks planned) for a step."""
+        """(tasks finished: done or failed, tasks planned) for a step."""
 
     @abstractmethod
     def step_groups(self, step: int) -> list[dict]:
         """The finished groups of a step, in the order its tasks were planned."""
 
     @abstractmethod
+    def step_failures(self, step: int) -> list[dict]:
+        """The failed tasks of a step, in plan order: task_id, question_id, reason,
+        detail, replica_id (of the last failure) and failures."""
+
+    @abstractmethod
     def drop_step(self, step: int) -> None:
-        """Forget a trained step's tasks and groups (statistics stay)."""
+        """Forget a trained step's tasks, groups and failures (statistics stay)."""
 
     @abstractmethod
     def queue_depth(self) -> int: ...
@@ -184,3 +227,9 @@ def encode_completion(group: dict, rewards: Sequence[float]) -> tuple[str, int, 
         if not math.isfinite(value):
             raise ValueError(f"reward {index} is {value}; rewards must be finite")
     return json.dumps(group), len(values), float(sum(values))
+
+
+def failure_record(task: TaskRecord, reason: str, detail: str, replica_id: str) -> dict:
+    """What step_failures returns for a task marked failed."""
+    return {"task_id": task.task_id, "question_id": task.question_id, "reason": reason, "detail": detail,
+            "replica_id": replica_id, "failures": task.failures}

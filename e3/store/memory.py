@@ -24,6 +24,9 @@ from typing import Sequence
 
 from e3.core.difficulty import QuestionStats
 from e3.store.base import (
+    FailOutcome,
+    FailResult,
+    RenewResult,
     StepAlreadyPlanned,
     Store,
     StoreCounters,
@@ -33,6 +36,7 @@ from e3.store.base import (
     TaskStatus,
     check_plan,
     encode_completion,
+    failure_record,
 )
 
 SNAPSHOT_FORMAT = "e3-memory-store"
@@ -56,6 +60,7 @@ class MemoryStore(Store):
         self._tasks: dict[str, TaskRecord] = {}
         self._steps: dict[int, list[str]] = {}  # task ids in plan order
         self._groups: dict[int, dict[str, str]] = {}  # step -> task id -> group JSON
+        self._failed: dict[int, dict[str, str]] = {}  # step -> task id -> failure record JSON
         self._queue: deque[str] = deque()
         self._leases: dict[str, float] = {}  # task id -> lease expiry
         self._expiries = 0
@@ -104,6 +109,7 @@ class MemoryStore(Store):
                     raise ValueError(f"task id {task.task_id!r} already exists (step {self._tasks[task.task_id].step})")
             self._steps[step] = [t.task_id for t in tasks]
             self._groups[step] = {}
+            self._failed[step] = {}
             for task in tasks:
                 # A copy, so the caller's records never alias the store's.
                 self._tasks[task.task_id] = dataclasses.replace(task, status=TaskStatus.PENDING)
@@ -147,6 +153,41 @@ class MemoryStore(Store):
         with self._lock:
             return self._requeue([t for t in self._leases if self._tasks[t].leased_by == replica_id])
 
+    def renew(self, replica_id: str, leases: Sequence[tuple[str, str]], now: float, lease_s: float) -> RenewResult:
+        expires = float(now) + float(lease_s)
+        renewed, lost = [], []
+        with self._lock:
+            for task_id, lease_id in leases:
+                task = self._tasks.get(task_id)
+                held = (task is not None and task.status == TaskStatus.LEASED and task.lease_id == lease_id
+                        and task.leased_by == replica_id)
+                if held:
+                    task.lease_expires_at = self._leases[task_id] = expires
+                (renewed if held else lost).append(task_id)
+        return RenewResult(renewed, lost, expires)
+
+    def fail(self, task_id: str, lease_id: str, replica_id: str, reason: str, detail: str, max_failures: int) -> FailResult:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return FailResult(FailOutcome.UNKNOWN)
+            if task.status in (TaskStatus.DONE, TaskStatus.FAILED):
+                return FailResult(FailOutcome.FINISHED, task.failures, *self._progress(task.step))
+            if task.status != TaskStatus.LEASED or task.lease_id != lease_id or task.leased_by != replica_id:
+                return FailResult(FailOutcome.STALE, task.failures, *self._progress(task.step))
+            task.failures += 1
+            if task.failures < max_failures:
+                self._requeue([task_id])
+                return FailResult(FailOutcome.REQUEUED, task.failures, *self._progress(task.step))
+            del self._leases[task_id]
+            task.status = TaskStatus.FAILED
+            self._failed[task.step][task_id] = json.dumps(failure_record(task, reason, detail, replica_id))
+            return FailResult(FailOutcome.FAILED, task.failures, *self._progress(task.step))
+
+    def _progress(self, step: int) -> tuple[int, int]:
+        """(finished, planned) of a step; caller holds the lock."""
+        return len(self._groups.get(step, {})) + len(self._failed.get(step, {})), len(self._steps.get(step, []))
+
     def leases(self) -> list[TaskRecord]:
         with self._lock:
             return [dataclasses.replace(self._tasks[t]) for _, t in sorted((e, t) for t, e in self._leases.items())]
@@ -157,10 +198,10 @@ class MemoryStore(Store):
             task = self._tasks.get(task_id)
             if task is None:
                 return SubmitResult(SubmitOutcome.UNKNOWN)
-            groups, planned = self._groups[task.step], len(self._steps[task.step])
-            if task.status == TaskStatus.DONE:
+            groups = self._groups[task.step]
+            if task.status in (TaskStatus.DONE, TaskStatus.FAILED):
                 self._duplicates += 1
-                return SubmitResult(SubmitOutcome.DUPLICATE, len(groups), planned)
+                return SubmitResult(SubmitOutcome.DUPLICATE, *self._progress(task.step))
             # A task whose lease ran out sits in the queue again; take it out.
             if task.status == TaskStatus.PENDING:
                 self._queue.remove(task_id)
@@ -169,7 +210,7 @@ class MemoryStore(Store):
             groups[task_id] = group_json
             if count:
                 self._stats[task.question_id] = self._add(task.question_id, count, total)
-            return SubmitResult(SubmitOutcome.ACCEPTED, len(groups), planned)
+            return SubmitResult(SubmitOutcome.ACCEPTED, *self._progress(task.step))
 
     def _add(self, question_id: str, count: int, total: float) -> QuestionStats:
         old = self._stats.get(question_id, QuestionStats())
@@ -183,17 +224,23 @@ class MemoryStore(Store):
 
     def step_progress(self, step: int) -> tuple[int, int]:
         with self._lock:
-            return len(self._groups.get(step, {})), len(self._steps.get(step, []))
+            return self._progress(step)
 
     def step_groups(self, step: int) -> list[dict]:
         with self._lock:
             groups = self._groups.get(step, {})
             return [json.loads(groups[t]) for t in self._steps.get(step, []) if t in groups]
 
+    def step_failures(self, step: int) -> list[dict]:
+        with self._lock:
+            failed = self._failed.get(step, {})
+            return [json.loads(failed[t]) for t in self._steps.get(step, []) if t in failed]
+
     def drop_step(self, step: int) -> None:
         with self._lock:
             ids = set(self._steps.pop(step, []))
             self._groups.pop(step, None)
+            self._failed.pop(step, None)
             for task_id in ids:
                 del self._tasks[task_id]
                 self._leases.pop(task_id, None)
@@ -230,6 +277,7 @@ class MemoryStore(Store):
             "tasks": [_task_to_json(t) for t in self._tasks.values()],
             "steps": {str(s): ids for s, ids in self._steps.items()},
             "groups": {str(s): {t: json.loads(g) for t, g in gs.items()} for s, gs in self._groups.items()},
+            "failed": {str(s): {t: json.loads(f) for t, f in fs.items()} for s, fs in self._failed.items()},
             "queue": list(self._queue),
             "counters": {"lease_expiries": self._expiries, "duplicates": self._duplicates},
         }
@@ -276,6 +324,10 @@ class MemoryStore(Store):
             self._tasks[task.task_id] = task
         self._steps = {int(s): [str(t) for t in ids] for s, ids in data["steps"].items()}
         self._groups = {int(s): {str(t): json.dumps(g) for t, g in gs.items()} for s, gs in data["groups"].items()}
+        # Snapshots written before tasks could fail have no "failed" part.
+        failed = data.get("failed", {})
+        self._failed = {s: {} for s in self._steps} | {
+            int(s): {str(t): json.dumps(f) for t, f in fs.items()} for s, fs in failed.items()}
         self._queue = deque(str(t) for t in data["queue"])
         self._leases = {t.task_id: t.lease_expires_at for t in self._tasks.values() if t.status == TaskStatus.LEASED}
         self._expiries = _int(data["counters"]["lease_expiries"], "counters.lease_expiries")
@@ -290,12 +342,16 @@ class MemoryStore(Store):
         for task_id, task in self._tasks.items():
             if planned[task_id] != task.step:
                 raise ValueError(f"task {task_id!r} is listed under step {planned[task_id]}, not its step {task.step}")
-        if set(self._groups) != set(self._steps):
-            raise ValueError("'groups' and 'steps' cover different steps")
+        if set(self._groups) != set(self._steps) or set(self._failed) != set(self._steps):
+            raise ValueError("'groups', 'failed' and 'steps' cover different steps")
         done = {t for t, task in self._tasks.items() if task.status == TaskStatus.DONE}
         with_group = {t for gs in self._groups.values() for t in gs}
         if done != with_group:
             raise ValueError(f"done tasks and stored groups differ: {sorted(done ^ with_group)[:5]}")
+        failed = {t for t, task in self._tasks.items() if task.status == TaskStatus.FAILED}
+        with_failure = {t for fs in self._failed.values() for t in fs}
+        if failed != with_failure:
+            raise ValueError(f"failed tasks and stored failures differ: {sorted(failed ^ with_failure)[:5]}")
         pending = {t for t, task in self._tasks.items() if task.status == TaskStatus.PENDING}
         if len(self._queue) != len(set(self._queue)) or set(self._queue) != pending:
             raise ValueError("'queue' must hold each pending task exactly once")
@@ -314,6 +370,8 @@ def _task_to_json(task: TaskRecord) -> dict:
 
 
 def _task_from_json(raw: dict) -> TaskRecord:
+    if isinstance(raw, dict) and "failures" not in raw:
+        raw = raw | {"failures": 0}  # written before tasks could fail
     if not isinstance(raw, dict) or set(raw) != set(_TASK_TYPES):
         raise ValueError(f"task record must have exactly the fields {sorted(_TASK_TYPES)}, got {raw!r}")
     values = {}

@@ -10,6 +10,7 @@ database:
     P steps               set     the planned steps
     P step:<n>:tasks      list    step n's task ids in plan order
     P step:<n>:groups     hash    task id -> finished group, JSON
+    P step:<n>:failed     hash    task id -> failure record of a failed task, JSON
     P task:<id>           hash    one field per TaskRecord attribute, as text
     P queue               list    task ids waiting for a replica, front first
     P leases              zset    leased task ids scored by lease expiry
@@ -21,11 +22,12 @@ retries a dropped connection a few times, and what still fails is raised as
 RedisUnavailable so that the scheduler answers "unavailable" and clients retry.
 
 Operations that touch several keys and must not interleave (plan_step,
-lease, expire_leases, complete, drop_step) are Lua scripts, which Redis runs
-atomically. The scripts build task keys from the prefix, because which tasks
+lease, renew, expire_leases, complete, fail, drop_step) are Lua scripts,
+which Redis runs atomically. The scripts build task keys from the prefix, because which tasks
 they touch is only known inside them; that is fine on one Redis server but
 not on Redis Cluster. Floats cross into Redis as repr() text and are never
-re-encoded inside Lua, whose number formatting would round them.
+re-encoded inside Lua, whose number formatting would round them. The scripts
+are in e3.store.redis_scripts.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from e3.core.difficulty import QuestionStats
+from e3.store import redis_scripts as lua
 from e3.store.base import (
+    FailOutcome,
+    FailResult,
+    RenewResult,
     StepAlreadyPlanned,
     Store,
     StoreUnavailable,
@@ -55,124 +61,6 @@ from e3.store.base import (
 
 _TASK_TYPES = typing.get_type_hints(TaskRecord)
 _TASK_FIELDS = list(_TASK_TYPES)  # task_id first: the plan script relies on it
-
-# The scripts spell task statuses as TaskStatus's values: pending, leased, done.
-
-# ARGV: prefix, step, field count F, F field names, then F values per task.
-_PLAN_STEP = """
-local prefix, step = ARGV[1], ARGV[2]
-if redis.call('SISMEMBER', prefix .. 'steps', step) == 1 then return {'planned'} end
-local nfields = tonumber(ARGV[3])
-local first = 4 + nfields
--- Check every id before writing anything, so a rejected plan leaves no trace.
-for base = first, #ARGV, nfields do
-  if redis.call('EXISTS', prefix .. 'task:' .. ARGV[base]) == 1 then return {'exists', ARGV[base]} end
-end
-for base = first, #ARGV, nfields do
-  local kv = {}
-  for f = 0, nfields - 1 do
-    kv[#kv + 1] = ARGV[4 + f]
-    kv[#kv + 1] = ARGV[base + f]
-  end
-  redis.call('HSET', prefix .. 'task:' .. ARGV[base], unpack(kv))
-  redis.call('RPUSH', prefix .. 'step:' .. step .. ':tasks', ARGV[base])
-  redis.call('RPUSH', prefix .. 'queue', ARGV[base])
-end
-redis.call('SADD', prefix .. 'steps', step)
-return {'ok'}
-"""
-
-# ARGV: prefix, replica id, lease expiry, max tasks, lease id base.
-_LEASE = """
-local prefix, replica, expires = ARGV[1], ARGV[2], ARGV[3]
-local wanted = tonumber(ARGV[4])
-local out = {}
-while #out < wanted do
-  local id = redis.call('LPOP', prefix .. 'queue')
-  if not id then break end
-  local key = prefix .. 'task:' .. id
-  -- complete and drop_step take tasks out of the queue; this is a guard only.
-  if redis.call('HGET', key, 'status') == 'pending' then
-    redis.call('HSET', key, 'status', 'leased', 'lease_id', ARGV[5] .. '.' .. (#out + 1),
-               'leased_by', replica, 'lease_expires_at', expires)
-    redis.call('HINCRBY', key, 'times_leased', 1)
-    redis.call('ZADD', prefix .. 'leases', expires, id)
-    out[#out + 1] = redis.call('HGETALL', key)
-  end
-end
-return out
-"""
-
-# Lua shared by _EXPIRE and _RELEASE: clear the leases of the tasks in `ids`
-# and put them back on the queue. Pushing from the last to the first leaves
-# them at the queue's front in their original order.
-_REQUEUE_IDS = """
-for i = #ids, 1, -1 do
-  redis.call('ZREM', prefix .. 'leases', ids[i])
-  redis.call('HSET', prefix .. 'task:' .. ids[i], 'status', 'pending', 'lease_id', '', 'leased_by', '',
-             'lease_expires_at', '0.0')
-  redis.call('LPUSH', prefix .. 'queue', ids[i])
-end
-"""
-
-# ARGV: prefix, now. Every expired lease, in expiry order.
-_EXPIRE = """
-local prefix = ARGV[1]
-local ids = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', ARGV[2])
-""" + _REQUEUE_IDS + """
-if #ids > 0 then redis.call('HINCRBY', prefix .. 'counters', 'lease_expiries', #ids) end
-return ids
-"""
-
-# ARGV: prefix, replica id. Every lease the replica holds.
-_RELEASE = """
-local prefix, replica = ARGV[1], ARGV[2]
-local ids = {}
-for _, id in ipairs(redis.call('ZRANGE', prefix .. 'leases', 0, -1)) do
-  if redis.call('HGET', prefix .. 'task:' .. id, 'leased_by') == replica then ids[#ids + 1] = id end
-end
-""" + _REQUEUE_IDS + """
-return ids
-"""
-
-# ARGV: prefix, task id, group JSON, reward count, reward sum.
-_COMPLETE = """
-local prefix, id = ARGV[1], ARGV[2]
-local key = prefix .. 'task:' .. id
-local status, step, question = unpack(redis.call('HMGET', key, 'status', 'step', 'question_id'))
-if not status then return {'unknown', 0, 0} end
-local groups = prefix .. 'step:' .. step .. ':groups'
-local planned = redis.call('LLEN', prefix .. 'step:' .. step .. ':tasks')
-if status == 'done' then
-  redis.call('HINCRBY', prefix .. 'counters', 'duplicates', 1)
-  return {'duplicate', redis.call('HLEN', groups), planned}
-end
--- A task whose lease ran out sits in the queue again; take it out.
-if status == 'pending' then redis.call('LREM', prefix .. 'queue', 1, id) end
-redis.call('ZREM', prefix .. 'leases', id)
-redis.call('HSET', key, 'status', 'done')
-redis.call('HSET', groups, id, ARGV[3])
-if tonumber(ARGV[4]) > 0 then
-  redis.call('HINCRBY', prefix .. 'stats:attempts', question, ARGV[4])
-  redis.call('HINCRBYFLOAT', prefix .. 'stats:rewards', question, ARGV[5])
-end
-return {'accepted', redis.call('HLEN', groups), planned}
-"""
-
-# ARGV: prefix, step.
-_DROP_STEP = """
-local prefix, step = ARGV[1], ARGV[2]
-local tasks = prefix .. 'step:' .. step .. ':tasks'
-for _, id in ipairs(redis.call('LRANGE', tasks, 0, -1)) do
-  local status = redis.call('HGET', prefix .. 'task:' .. id, 'status')
-  if status == 'pending' then redis.call('LREM', prefix .. 'queue', 1, id) end
-  if status == 'leased' then redis.call('ZREM', prefix .. 'leases', id) end
-  redis.call('DEL', prefix .. 'task:' .. id)
-end
-redis.call('DEL', tasks, prefix .. 'step:' .. step .. ':groups')
-redis.call('SREM', prefix .. 'steps', step)
-return 1
-"""
 
 
 class RedisUnavailable(StoreUnavailable):
@@ -230,12 +118,14 @@ class RedisStore(Store):
             self._r.ping()
         except (redis.RedisError, ValueError, OSError) as exc:
             raise RedisUnavailable(f"cannot use Redis at {self.url}: {exc}") from exc
-        self._plan = self._r.register_script(_PLAN_STEP)
-        self._lease = self._r.register_script(_LEASE)
-        self._expire = self._r.register_script(_EXPIRE)
-        self._complete = self._r.register_script(_COMPLETE)
-        self._drop = self._r.register_script(_DROP_STEP)
-        self._release = self._r.register_script(_RELEASE)
+        self._plan = self._r.register_script(lua.PLAN_STEP)
+        self._lease = self._r.register_script(lua.LEASE)
+        self._expire = self._r.register_script(lua.EXPIRE)
+        self._complete = self._r.register_script(lua.COMPLETE)
+        self._drop = self._r.register_script(lua.DROP_STEP)
+        self._release = self._r.register_script(lua.RELEASE)
+        self._renew = self._r.register_script(lua.RENEW)
+        self._fail = self._r.register_script(lua.FAIL)
 
     # --- state, statistics, ranks ---
     def load_state(self) -> dict | None:
@@ -300,6 +190,19 @@ class RedisStore(Store):
     def release(self, replica_id: str) -> list[str]:
         return list(self._release(args=[self._p, replica_id]))
 
+    def renew(self, replica_id: str, leases: Sequence[tuple[str, str]], now: float, lease_s: float) -> RenewResult:
+        expires = float(now) + float(lease_s)
+        pairs = [(str(task_id), str(lease_id)) for task_id, lease_id in leases]
+        if not pairs:
+            return RenewResult([], [], expires)
+        held = set(self._renew(args=[self._p, replica_id, repr(expires), *(x for pair in pairs for x in pair)]))
+        return RenewResult([t for t, _ in pairs if t in held], [t for t, _ in pairs if t not in held], expires)
+
+    def fail(self, task_id: str, lease_id: str, replica_id: str, reason: str, detail: str, max_failures: int) -> FailResult:
+        outcome, failures, done, planned = self._fail(
+            args=[self._p, task_id, lease_id, replica_id, reason, detail, int(max_failures)])
+        return FailResult(FailOutcome(outcome), int(failures), int(done), int(planned))
+
     def leases(self) -> list[TaskRecord]:
         ids = self._r.zrange(self._p + "leases", 0, -1)
         pipe = self._r.pipeline(transaction=False)
@@ -320,9 +223,10 @@ class RedisStore(Store):
     def step_progress(self, step: int) -> tuple[int, int]:
         pipe = self._r.pipeline(transaction=True)
         pipe.hlen(f"{self._p}step:{int(step)}:groups")
+        pipe.hlen(f"{self._p}step:{int(step)}:failed")
         pipe.llen(f"{self._p}step:{int(step)}:tasks")
-        done, planned = pipe.execute()
-        return int(done), int(planned)
+        done, failed, planned = pipe.execute()
+        return int(done) + int(failed), int(planned)
 
     def step_groups(self, step: int) -> list[dict]:
         pipe = self._r.pipeline(transaction=True)
@@ -330,6 +234,13 @@ class RedisStore(Store):
         pipe.hgetall(f"{self._p}step:{int(step)}:groups")
         order, groups = pipe.execute()
         return [json.loads(groups[t]) for t in order if t in groups]
+
+    def step_failures(self, step: int) -> list[dict]:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.lrange(f"{self._p}step:{int(step)}:tasks", 0, -1)
+        pipe.hgetall(f"{self._p}step:{int(step)}:failed")
+        order, failed = pipe.execute()
+        return [json.loads(failed[t]) for t in order if t in failed]
 
     def drop_step(self, step: int) -> None:
         self._drop(args=[self._p, str(int(step))])
@@ -371,6 +282,8 @@ def _task_or_none(fields: dict[str, str]) -> TaskRecord | None:
 
 
 def _task_from_text(fields: dict[str, str]) -> TaskRecord:
+    if fields and "failures" not in fields:
+        fields = fields | {"failures": "0"}  # written before tasks could fail
     try:
         return TaskRecord(**{name: kind(fields[name]) for name, kind in _TASK_TYPES.items()})
     except (KeyError, ValueError) as exc:

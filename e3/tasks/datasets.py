@@ -9,7 +9,9 @@ from e3.tasks.question import Question
 
 
 def load_split(data: DataConfig, split: str, base_dir: Path | None = None) -> list[Question]:
-    """Questions of the "train" or "valid" split; relative paths resolve against base_dir."""
+    """Questions of the "train" or "valid" split: generated for the arithmetic task, else read from
+    data.train_path / data.valid_path with data.columns and scored by data.reward (e3.tasks.files).
+    Relative paths resolve against base_dir."""
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
     if data.task == "arithmetic":
@@ -17,9 +19,9 @@ def load_split(data: DataConfig, split: str, base_dir: Path | None = None) -> li
 
         count = data.train_size if split == "train" else data.valid_size
         return make_questions(split, count, seed=data.seed)
-    from e3.tasks.math_data import load_math
+    from e3.tasks.files import load_file
 
-    path = Path(data.math_train_path if split == "train" else data.math_valid_path)
+    path = Path(data.train_path if split == "train" else data.valid_path)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    return load_math(path)
+    return load_file(path, data.columns, data.reward)

@@ -1,4 +1,8 @@
-"""Answer verification: turn (verifier, response, ground truth) into a 0/1 reward.
+"""Answer verification: turn (verifier, response, ground truth) into a reward in [0, 1].
+
+The built-in verifiers ("arithmetic", "math") give 0 or 1; a user's
+"python:package.module:function" (e3.verify.python_reward) may give partial
+credit, and runs only from the directories a pool is given as `python_path`.
 
 `verify` is the one-call entry point; it uses a process-wide `VerifierPool`
 started on first use. A service that wants its own worker count, size caps
@@ -11,6 +15,7 @@ import atexit
 import os
 import threading
 
+from e3.tasks.question import check_verifier
 from e3.verify.pool import CHECKERS, VerifierPool
 from e3.verify.verdict import Verdict
 
@@ -34,9 +39,9 @@ def _pool() -> VerifierPool:
 
 
 def verify(verifier: str, response: str, ground_truth: str, timeout_s: float = 2.0) -> Verdict:
-    """Score `response` against `ground_truth` with the named verifier ("arithmetic"
-    or "math"), killing the check after `timeout_s`. Unknown verifier -> ValueError;
-    every other failure is a Verdict with reward 0 and a reason."""
-    if verifier not in CHECKERS:
-        raise ValueError(f"unknown verifier {verifier!r}; expected one of {sorted(CHECKERS)}")
+    """Score `response` against `ground_truth` with the named verifier, killing the
+    check after `timeout_s`. A malformed name -> ValueError; every other failure is
+    a Verdict with reward 0 and a reason. The default pool has no python_path, so
+    a python: name scores 0 with a reason saying so."""
+    check_verifier(verifier)
     return _pool().verify(verifier, response, ground_truth, timeout_s=timeout_s)

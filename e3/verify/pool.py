@@ -8,6 +8,11 @@ fresh one. Workers come from a "forkserver" that has already imported sympy
 and math-verify, so a replacement is ready in milliseconds, and forking never
 happens from the multi-threaded service process itself.
 
+A user's reward function ("python:package.module:function", see
+e3.verify.python_reward) runs the same way: imported and called inside a
+worker, under the same time limit and memory cap, from the directories of
+`python_path` only.
+
 Each worker serves one check at a time; `verify` is safe to call from many
 threads, which queue for an idle worker. Time spent queueing does not count
 against the limit. Requests and verdicts cross the pipe as JSON bytes, not
@@ -25,7 +30,10 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
+from e3.tasks.question import check_verifier
+from e3.verify.python_reward import PythonRewards, add_to_path
 from e3.verify.verdict import ERROR_PREFIX, TIMEOUT_PREFIX, Verdict
 
 # Verifier name -> module with `check(response, ground_truth) -> (reward, reason)`.
@@ -63,9 +71,11 @@ def _recv(conn: Connection):
     return json.loads(conn.recv_bytes())
 
 
-def _worker_main(conn: Connection, memory_limit_bytes: int | None) -> None:
+def _worker_main(conn: Connection, memory_limit_bytes: int | None, python_path: list[str]) -> None:
     """Serve (verifier, response, ground_truth) requests until the pipe closes."""
     _limit_memory(memory_limit_bytes)
+    add_to_path(python_path)
+    python_rewards = PythonRewards(python_path)
     # math-verify logs every unparseable answer and warns that we disabled its
     # timeouts; the verdict's reason already carries what matters.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
@@ -75,6 +85,9 @@ def _worker_main(conn: Connection, memory_limit_bytes: int | None) -> None:
             verifier, response, ground_truth = _recv(conn)
         except EOFError:
             return
+        if verifier not in CHECKERS:  # a python: name; PythonRewards turns every failure into a verdict
+            _send(conn, list(python_rewards.score(verifier, response, ground_truth)))
+            continue
         try:
             check = importlib.import_module(CHECKERS[verifier]).check
             reward, reason = check(response, ground_truth)
@@ -95,7 +108,8 @@ class _Worker:
 
 class VerifierPool:
     """`workers` long-lived checker processes; `verify` blocks for at most ~`timeout_s`
-    once a worker is free, and always returns a Verdict for a known verifier."""
+    once a worker is free, and always returns a Verdict for a well-formed verifier name
+    (python: functions are imported from `python_path` only)."""
 
     def __init__(
         self,
@@ -103,6 +117,7 @@ class VerifierPool:
         timeout_s: float = 2.0,
         max_response_chars: int = DEFAULT_MAX_RESPONSE_CHARS,
         memory_limit_bytes: int | None = DEFAULT_MEMORY_LIMIT_BYTES,
+        python_path: tuple[str, ...] | list[str] = (),
     ) -> None:
         if workers < 1:
             raise ValueError(f"VerifierPool: workers must be >= 1, got {workers}")
@@ -114,6 +129,8 @@ class VerifierPool:
         self.timeout_s = timeout_s
         self.max_response_chars = max_response_chars
         self._memory_limit = memory_limit_bytes
+        # Absolute, so that a worker's import path does not depend on its working directory.
+        self.python_path = [str(Path(p).resolve()) for p in python_path]
         self._ctx = mp.get_context("forkserver")
         # Preloading is what makes replacements cheap; an import that fails here
         # (say, a task module not yet installed) fails again, reported, per check.
@@ -128,7 +145,7 @@ class VerifierPool:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_worker_main, args=(child, self._memory_limit), name="e3-verify-worker", daemon=True
+            target=_worker_main, args=(child, self._memory_limit, self.python_path), name="e3-verify-worker", daemon=True
         )
         process.start()
         child.close()  # so the parent sees EOF if the worker dies
@@ -148,9 +165,8 @@ class VerifierPool:
         worker.conn.close()
 
     def verify(self, verifier: str, response: str, ground_truth: str, timeout_s: float | None = None) -> Verdict:
-        """Score one response; unknown verifier -> ValueError, anything else -> a Verdict."""
-        if verifier not in CHECKERS:
-            raise ValueError(f"unknown verifier {verifier!r}; expected one of {sorted(CHECKERS)}")
+        """Score one response; a malformed verifier name -> ValueError, anything else -> a Verdict."""
+        check_verifier(verifier)
         if not isinstance(response, str) or not isinstance(ground_truth, str):
             raise TypeError(
                 f"response and ground_truth must be str, got {type(response).__name__} "
@@ -169,9 +185,10 @@ class VerifierPool:
                 reward, reason = _recv(worker.conn)
                 self._idle.put(worker)
                 return Verdict(reward, reason, time.perf_counter() - start)
-            reason = f"{TIMEOUT_PREFIX} after {limit:g}s"
+            reason = f"{TIMEOUT_PREFIX} after {limit:g}s" + ("" if verifier in CHECKERS else f": {verifier}")
         except (EOFError, OSError) as exc:  # the worker died mid-check (killed by the OS, say)
-            reason = f"{ERROR_PREFIX}: verifier worker died ({type(exc).__name__}, exit code {worker.process.exitcode})"
+            reason = (f"{ERROR_PREFIX}: verifier worker died in {verifier} "
+                      f"({type(exc).__name__}, exit code {worker.process.exitcode})")
         except BaseException:
             self._replace(worker)  # interrupted mid-check: its state is unknown
             raise

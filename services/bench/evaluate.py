@@ -10,6 +10,11 @@ cost one engine start, not one each; models of another architecture need
 a call of their own. Completions are scored by `e3.verify.VerifierPool`,
 the pool behind the reward service, under the same per-check time limit.
 
+Prompts are rendered as the replicas render them: the question's chat
+messages (or its text as one user message) with the task's prompt template
+(`--prompt-template`, default: the task's, e.g. the paper's \\boxed{}
+instruction for math) and the model's chat template.
+
 A prompt longer than the model's context is not an error of the harness: it
 is skipped, counted and named in the result (the tiny arithmetic model has
 64 positions, so most competition-math prompts cannot be asked at all).
@@ -26,6 +31,7 @@ from typing import Sequence
 
 from e3.bench.passk import QuestionResult, summarize
 from e3.config import DataConfig
+from e3.tasks.prompts import chat_messages, check_template, task_template
 from e3.tasks.question import Question
 
 ARITHMETIC_VALID = "arithmetic-valid"
@@ -41,12 +47,23 @@ class EvalSettings:
     seed: int = 0
     verify_timeout_s: float = 2.0
     verify_workers: int = 2
+    # The paper's evaluation settings beside the sampling ones: nucleus sampling,
+    # GPUs per engine, the context the engine holds, and the prompt template
+    # (None: the dataset's task default, see e3.tasks.prompts).
+    top_p: float = 1.0
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    prompt_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.samples < max(self.ks):
             raise ValueError(f"--samples {self.samples} is fewer than the largest k ({max(self.ks)})")
         if self.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.prompt_template is not None:
+            check_template(self.prompt_template)
 
 
 def load_dataset(spec: str, valid_size: int = 250, data_seed: int = 0) -> list[Question]:
@@ -58,9 +75,9 @@ def load_dataset(spec: str, valid_size: int = 250, data_seed: int = 0) -> list[Q
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"--dataset {spec!r}: no such file (expected {ARITHMETIC_VALID!r} or a .jsonl/.parquet path)")
-    from e3.tasks.math_data import load_math
+    from e3.tasks.files import load_file
 
-    return load_math(path)
+    return load_file(path)  # the default columns (the paper's layouts), scored by math
 
 
 def default_max_tokens(spec: str) -> int:
@@ -73,13 +90,19 @@ async def _sample(engine, questions: Sequence[Question], settings: EvalSettings)
     """(question, completion texts, tokens) for each question, and (question, reason) for each skipped one."""
     from vllm.exceptions import VLLMValidationError
 
+    from services.generation.engine import PromptTooLong
+
+    def template(question: Question) -> str:
+        return task_template(question.verifier, settings.prompt_template)  # the template its reward expects
+
     results = await asyncio.gather(
-        *(engine.sample(q.prompt, settings.samples, settings.temperature, settings.max_tokens) for q in questions),
+        *(engine.sample(chat_messages(q, template(q)), settings.samples, settings.temperature, settings.max_tokens,
+                        settings.top_p) for q in questions),
         return_exceptions=True,
     )
     sampled, skipped = [], []
     for question, result in zip(questions, results):
-        if isinstance(result, VLLMValidationError):
+        if isinstance(result, (VLLMValidationError, PromptTooLong)):
             skipped.append((question, str(result)))  # e.g. the prompt exceeds the model's context
         elif isinstance(result, BaseException):
             raise RuntimeError(f"sampling question {question.id!r} failed") from result
@@ -105,9 +128,11 @@ def _score(pool, sampled, settings: EvalSettings) -> list[QuestionResult]:
 async def _evaluate_all(model_dirs: Sequence[Path], questions: Sequence[Question], settings: EvalSettings,
                         dataset: str, cpu_kv_cache_gb: int) -> list[dict]:
     from e3.verify import VerifierPool
-    from services.generation.engine import GenerationEngine
+    from services.generation.engine import EngineSettings, GenerationEngine
 
-    engine = GenerationEngine(cpu_kv_cache_gb=cpu_kv_cache_gb, seed=settings.seed)
+    engine = GenerationEngine(EngineSettings(
+        cpu_kv_cache_gb=cpu_kv_cache_gb, seed=settings.seed, tensor_parallel_size=settings.tensor_parallel_size,
+        max_model_len=settings.max_model_len))
     reports = []
     with VerifierPool(workers=settings.verify_workers, timeout_s=settings.verify_timeout_s) as pool:
         try:

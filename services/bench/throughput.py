@@ -99,12 +99,12 @@ def _offline_steps(config, seed: int, prompts: list[list[list[int]]]) -> list[di
     from vllm.inputs import TokensPrompt
     from vllm.platforms import current_platform
 
-    from services.generation.engine import engine_arguments
+    from services.generation.engine import EngineSettings, engine_arguments
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.generation.cpu_kv_cache_gb))
-    llm = LLM(**engine_arguments(config.base_model, config.generation.gpu_memory_utilization, seed,
+    llm = LLM(**engine_arguments(config.base_model, EngineSettings.from_config(config.generation, seed),
                                  current_platform.is_cpu()))
-    params = SamplingParams(n=config.allocation.n, temperature=config.temperature.initial,
+    params = SamplingParams(n=config.allocation.n, temperature=config.temperature.initial, top_p=1.0, top_k=0,
                             max_tokens=config.training.max_tokens, logprobs=0)
     try:
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[0]], params, use_tqdm=False)  # warm-up
@@ -133,6 +133,8 @@ def measure_throughput(base_model: Path, work_dir: Path, batch_questions: int, n
         data={"train_size": batch_questions * (steps + 1), "valid_size": 1},
         allocation={"n": n, "n_low": min(4, n), "n_high": max(12, n)},
         training={"steps": steps + 2, "batch_questions": batch_questions},
+        # The bench plays the trainer and reports training steps only: no validation tasks.
+        validation_questions=0,
     )
     service, prompts, cpu_used = _service_steps(config, work_dir / "stack", steps)
     offline = _offline_steps(config, replica_seed(config.training.seed, "gen-0"), prompts)

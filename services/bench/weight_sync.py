@@ -93,6 +93,8 @@ def measure_size(name: str, spec: ModelSpec, work_dir: Path, syncs: int, replica
         allocation={"n": 1, "n_low": 1, "n_high": 1, "n_update": 0},
         training={"steps": syncs + 2, "batch_questions": 2, "max_tokens": 1},
         generation={"replicas": replicas},
+        # The bench plays the trainer and reports training steps only: no validation tasks.
+        validation_questions=0,
     )
     run_dir = work_dir / f"stack-{name}"
     running = start_stack(config, run_dir, trainer=False)

@@ -25,7 +25,7 @@ import httpx
 from e3.config import E3Config, load_config
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from services.common.runtime import setup_logging
-from services.generation.engine import GenerationEngine
+from services.generation.engine import EngineSettings, GenerationEngine
 from services.common.http_thread import HttpServerThread
 from services.generation.http_api import create_app
 from services.generation.metrics import GenerationMetrics, ReplicaState
@@ -58,7 +58,7 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
     http_server = HttpServerThread(create_app(state, metrics), args.host, args.http_port, name="generation-http")
     http_server.start()
     gen = config.generation
-    engine = GenerationEngine(gen.gpu_memory_utilization, gen.cpu_kv_cache_gb, replica_seed(config.training.seed, args.replica_id))
+    engine = GenerationEngine(EngineSettings.from_config(gen, replica_seed(config.training.seed, args.replica_id)))
     channel = None
     try:
         start_s = engine.start(args.model_dir, version=args.policy_version)
@@ -73,6 +73,7 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
         settings = WorkerSettings(
             replica_id=args.replica_id, max_tasks=args.max_tasks, reward_url=args.reward_url, token=config.api_token,
             leases_in_flight=gen.leases_in_flight, lease_wait_s=gen.lease_wait_s,
+            sampling_delay_s=config.fault.sampling_delay_s,
         )
         async with httpx.AsyncClient() as http:
             replica = Replica(engine, pb_grpc.SchedulerStub(channel), http, settings, metrics, state)

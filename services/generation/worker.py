@@ -10,10 +10,20 @@ scored in one call to the reward service, and each group submitted on its own.
 Weights change only between leases, with no lease being sampled, so every
 group is sampled with one policy version.
 
+While a lease is worked on, its heartbeat (services.generation.heartbeat)
+renews it, so sampling, scoring and submitting take the time they need; the
+retries of scoring and submitting stop at the lease's current expiry, which
+only stops moving when renewals fail (the scheduler is unreachable), and a
+lease the scheduler reports lost is not submitted. A task whose sampling
+raised is reported (ReportTaskFailure: prompt_too_long when the prompt leaves
+no room in the engine's context, else engine_error), so the scheduler
+re-queues it at once or, after scheduler.max_task_failures reports, marks
+it failed.
+
 Nothing is lost when something fails: a group that is not submitted keeps
-its lease until the lease expires, and the scheduler then hands the task
-out again. So the loop never retries past a lease's expiry; it gives up,
-logs the reason, and moves on.
+its lease until the lease expires (a dead replica renews nothing), and the
+scheduler then hands the task out again. So the loop never retries past a
+lease's expiry; it gives up, logs the reason, and moves on.
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from services.common.auth import call_metadata
 from services.generation.engine import Completion, GenerationEngine
+from services.generation.heartbeat import LeaseKeeper
 from services.generation.metrics import GenerationMetrics, ReplicaState
+from services.generation.task_failures import report_failure
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +64,23 @@ class WorkerSettings:
     lease_margin_s: float = 1.0
     leases_in_flight: int = 2
     lease_wait_s: float = 2.0
+    # One scoring call may take this long: a batch of long responses needs
+    # time, and the heartbeat keeps its leases alive meanwhile.
+    score_timeout_s: float = 600.0
+    sampling_delay_s: float = 0.0  # fault.sampling_delay_s: each lease's sampling held back this long
 
     def __post_init__(self) -> None:
         if self.max_tasks < 1 or self.leases_in_flight < 1:
             raise ValueError(f"max_tasks ({self.max_tasks}) and leases_in_flight ({self.leases_in_flight}) must be >= 1")
         if not 0 <= self.lease_wait_s < self.rpc_timeout_s:
             raise ValueError(f"lease_wait_s must be in [0, rpc_timeout_s={self.rpc_timeout_s}), got {self.lease_wait_s}")
+
+
+def task_messages(task: pb.RolloutTask) -> list[dict[str, str]]:
+    """The chat messages a task asks to sample a reply to (the bare prompt from a scheduler that sends none)."""
+    if task.messages:
+        return [{"role": m.role, "content": m.content} for m in task.messages]
+    return [{"role": "user", "content": task.prompt}]
 
 
 class RewardError(Exception):
@@ -118,14 +141,19 @@ class Replica:
         self.auth_headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
         self.sampling_clock, self.scoring_clock = SharedClock(), SharedClock()
         self._in_flight: set[asyncio.Task] = set()
+        self.leases = LeaseKeeper(stub, settings.replica_id, self.metadata, settings.rpc_timeout_s)
 
     async def run(self, stop: asyncio.Event) -> str:
         """Work until `stop` is set; returns "finished" if the run ended first, else "stopped"."""
+        heartbeat = asyncio.create_task(self.leases.run(), name="lease-heartbeat")
         try:
             return await self._lease_loop(stop)
         finally:
             # Not interrupted by `stop`: a SIGTERM lets the leased groups finish and be submitted.
-            await self._drain()
+            try:
+                await self._drain()
+            finally:
+                heartbeat.cancel()
 
     async def _lease_loop(self, stop: asyncio.Event) -> str:
         delay = sync_delay = FIRST_DELAY_S
@@ -178,7 +206,7 @@ class Replica:
             if not reply.tasks:
                 await sleep_unless(stop, reply.retry_after_s)
                 continue
-            task = asyncio.create_task(self.work(list(reply.tasks)), name=f"lease-{reply.tasks[0].lease_id}")
+            task = asyncio.create_task(self._renewed_work(list(reply.tasks)), name=f"lease-{reply.tasks[0].lease_id}")
             self._in_flight.add(task)
         log.info("stopping on request; finishing %d leases in flight", len(self._in_flight))
         return "stopped"
@@ -229,6 +257,26 @@ class Replica:
         log.info("policy version %d from %s: generation paused %.3fs", version, path, seconds)
         return True
 
+    async def _renewed_work(self, tasks: list[pb.RolloutTask]) -> None:
+        """`work` on a lease, its tasks renewed by the heartbeat meanwhile (those it will
+        sample: a task for another policy version is left to expire)."""
+        held = [t.task_id for t in tasks if t.policy_version == self.engine.loaded_version]
+        self.leases.hold(t for t in tasks if t.task_id in held)
+        try:
+            await self.work(tasks)
+        finally:
+            self.leases.release(held)
+
+    async def _report_failure(self, task: pb.RolloutTask, exc: BaseException) -> None:
+        # Reported, the task is no longer this replica's: stop renewing it first.
+        self.leases.release([task.task_id])
+        await report_failure(self.stub, self.metadata, self.settings.replica_id, task, exc, self.settings.rpc_timeout_s)
+
+    def _deadline(self, task_ids: list[str], fallback: float) -> float:
+        """When retries for these tasks must stop: their current (renewed) expiry less the margin."""
+        expiry = self.leases.expiry(task_ids)
+        return fallback if expiry is None else max(fallback, expiry - self.settings.lease_margin_s)
+
     async def work(self, tasks: list[pb.RolloutTask]) -> None:
         version = self.engine.loaded_version
         wrong = [t.task_id for t in tasks if t.policy_version != version]
@@ -239,8 +287,10 @@ class Replica:
         key = id(tasks)
         self.sampling_clock.start(key)
         try:
+            if self.settings.sampling_delay_s:  # fault injection: rollouts that outlast their lease
+                await asyncio.sleep(self.settings.sampling_delay_s)
             results = await asyncio.gather(
-                *(self.engine.sample(t.prompt, t.num_samples, t.temperature, t.max_tokens) for t in tasks),
+                *(self.engine.sample(task_messages(t), t.num_samples, t.temperature, t.max_tokens) for t in tasks),
                 return_exceptions=True,
             )
         finally:
@@ -248,7 +298,7 @@ class Replica:
         sampled: list[tuple[pb.RolloutTask, list[Completion]]] = []
         for task, result in zip(tasks, results):
             if isinstance(result, BaseException):
-                log.error("task %s (question %s): sampling failed: %r", task.task_id, task.question_id, result)
+                await self._report_failure(task, result)
             else:
                 sampled.append((task, result))
         self.metrics.generated(sum(len(c.response_token_ids) for _, cs in sampled for c in cs), generate_s)
@@ -278,19 +328,20 @@ class Replica:
         )
 
     async def score(self, sampled: list[tuple[pb.RolloutTask, list[Completion]]], deadline: float) -> list[dict]:
-        """Verdicts for every completion, in order; retried with back-off until `deadline`."""
+        """Verdicts for every completion, in order; retried with back-off until `deadline`
+        or, while the heartbeat renews their leases, their later expiry."""
         items = [
             {"verifier": task.verifier, "response": c.text, "ground_truth": task.ground_truth}
             for task, completions in sampled
             for c in completions
         ]
         url = self.settings.reward_url.rstrip("/") + "/v1/score"
+        task_ids = [task.task_id for task, _ in sampled]
         delay = FIRST_DELAY_S
         while True:
-            remaining = deadline - time.time()
             try:
                 response = await self.http.post(
-                    url, json={"items": items}, headers=self.auth_headers, timeout=max(remaining, 1.0)
+                    url, json={"items": items}, headers=self.auth_headers, timeout=self.settings.score_timeout_s
                 )
                 if response.status_code < 500:
                     if response.status_code != 200:
@@ -302,7 +353,7 @@ class Replica:
                 problem = f"HTTP {response.status_code}"
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
-            remaining = deadline - time.time()
+            remaining = self._deadline(task_ids, deadline) - time.time()
             if remaining <= 0:
                 raise RewardError(f"reward service at {url} still failing at the lease deadline ({problem})")
             self.metrics.reward_retry()
@@ -336,11 +387,14 @@ class Replica:
     async def submit(self, group: pb.GroupResult, deadline: float) -> None:
         delay = FIRST_DELAY_S
         while True:
+            if self.leases.lost(group.task_id):
+                log.warning("group %s not submitted: its lease was lost", group.task_id)
+                return
             try:
                 reply = await self.stub.SubmitGroup(group, metadata=self.metadata, timeout=self.settings.rpc_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code in RETRYABLE and time.time() + delay < deadline:
+                if code in RETRYABLE and time.time() + delay < self._deadline([group.task_id], deadline):
                     log.warning("SubmitGroup %s: %s; retrying in %.2fs", group.task_id, code.name, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, MAX_DELAY_S)

@@ -2,6 +2,8 @@
 
 POST /v1/score   {"items": [{verifier, response, ground_truth}, ...]}
                  -> {"verdicts": [{reward, reason, elapsed_s}, ...]} in order
+                 verifier: "arithmetic", "math" or "python:package.module:function"
+                 (a malformed name is a 422 naming the item); reward in [0, 1]
 GET  /healthz    the process is up
 GET  /readyz     the worker pool is up (503 until then)
 GET  /metrics    Prometheus text
@@ -17,15 +19,15 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.responses import PlainTextResponse
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from e3.verify import VERIFIERS, Verdict, VerifierPool
+from e3.tasks.question import PYTHON_VERIFIER, check_verifier
+from e3.verify import Verdict, VerifierPool
 from services.common.auth import http_bearer
 from services.common.http_guard import reject_unknown_query
 from services.reward.metrics import RewardMetrics
@@ -37,9 +39,15 @@ log = logging.getLogger(__name__)
 class ScoreItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    verifier: Literal[VERIFIERS]  # type: ignore[valid-type]  # ("arithmetic", "math")
+    # The pattern documents the names in the OpenAPI schema; the validator gives the clear message.
+    verifier: str = Field(json_schema_extra={"pattern": f"^(arithmetic|math|{PYTHON_VERIFIER.pattern})$"})
     response: str
     ground_truth: str
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_form(cls, value: str) -> str:
+        return check_verifier(value)
 
 
 class ScoreRequest(BaseModel):
@@ -50,7 +58,7 @@ class ScoreRequest(BaseModel):
 
 
 class VerdictOut(BaseModel):
-    reward: int
+    reward: float
     reason: str | None
     elapsed_s: float
 
@@ -70,8 +78,10 @@ class _Service:
 
     def start_pool(self) -> None:
         s = self.settings
-        self.pool = VerifierPool(workers=s.workers, timeout_s=s.timeout_s, max_response_chars=s.max_response_chars)
-        log.info("reward: %d verifier workers up (timeout %.3gs)", s.workers, s.timeout_s)
+        self.pool = VerifierPool(workers=s.workers, timeout_s=s.timeout_s, max_response_chars=s.max_response_chars,
+                                 python_path=s.python_path)
+        log.info("reward: %d verifier workers up (timeout %.3gs, python_path %s)", s.workers, s.timeout_s,
+                 list(s.python_path))
 
     def score_one(self, item: ScoreItem) -> Verdict:
         verdict = self.pool.verify(item.verifier, item.response, item.ground_truth)
@@ -126,7 +136,7 @@ def create_app(settings: RewardSettings) -> FastAPI:
             *(loop.run_in_executor(service.executor, service.score_one, item) for item in request.items)
         )
         return ScoreResponse(
-            verdicts=[VerdictOut(reward=int(v.reward), reason=v.reason, elapsed_s=v.elapsed_s) for v in verdicts]
+            verdicts=[VerdictOut(reward=v.reward, reason=v.reason, elapsed_s=v.elapsed_s) for v in verdicts]
         )
 
     @app.get("/healthz")

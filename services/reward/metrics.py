@@ -17,7 +17,7 @@ class RewardMetrics:
         self.registry = registry
         self.verifications = Counter(
             metric_names.REWARD_VERIFICATIONS_TOTAL,
-            "Responses scored, by verifier and outcome (correct, incorrect, timeout, error).",
+            "Responses scored, by verifier and outcome (correct, partial, incorrect, timeout, error).",
             ["verifier", "outcome"],
             registry=registry,
         )

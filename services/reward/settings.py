@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from e3.verify.pool import DEFAULT_MAX_RESPONSE_CHARS
 
@@ -16,7 +18,9 @@ def _token_from_env() -> str | None:
 
 class RewardSettings(BaseModel):
     """`timeout_s` bounds each verification; `workers` is the number of checker
-    processes (each check holds one); `max_batch` bounds items per request."""
+    processes (each check holds one); `max_batch` bounds items per request;
+    `python_path` lists the directories python: reward functions are imported
+    from (e3.verify.python_reward; empty: python: names score 0, saying why)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -27,3 +31,12 @@ class RewardSettings(BaseModel):
     max_batch: int = Field(4096, ge=1)
     max_response_chars: int = Field(DEFAULT_MAX_RESPONSE_CHARS, ge=1)
     api_token: str | None = Field(default_factory=_token_from_env, repr=False)
+    python_path: tuple[str, ...] = ()
+
+    @field_validator("python_path")
+    @classmethod
+    def _directories(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        missing = [p for p in value if not Path(p).is_dir()]
+        if missing:
+            raise ValueError(f"python_path entries are not directories: {missing}")
+        return tuple(str(Path(p).resolve()) for p in value)

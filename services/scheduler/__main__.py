@@ -51,9 +51,12 @@ def serve(argv: list[str] | None = None) -> None:
     vocab_size = args.vocab_size or model_vocab_size(config.base_model)
 
     train = load_split(config.data, "train", base_dir=Path.cwd())
+    # Validation tasks are sampled by the replicas (services.scheduler.validation).
+    valid = load_split(config.data, "valid", base_dir=Path.cwd()) if config.validation_questions != 0 else []
     store = open_store(sc.store_url, namespace=sc.run_id, **sc.store_options())
     metrics = SchedulerMetrics()
-    engine = SchedulerEngine(config, train, store, vocab_size, initial_weights_path=config.base_model or "", observer=metrics)
+    engine = SchedulerEngine(config, train, store, vocab_size, initial_weights_path=config.base_model or "", observer=metrics,
+                             valid=valid)
     metrics.bind(engine)
     server, bound = start_grpc_server(engine, sc.host, grpc_port, config.api_token)
     view = engine.snapshot()

@@ -25,11 +25,13 @@ from e3.core.allocation import WideningSchedule
 from e3.core.curriculum import plan_step, steps_per_epoch
 from e3.core.difficulty import accuracy_ranks
 from e3.core.temperature import TemperatureConfig, TemperatureState, initial_state, observe_entropy
-from e3.store.base import Store, StepAlreadyPlanned, StoreUnavailable, SubmitOutcome, TaskRecord
+from e3.store.base import FailOutcome, FailResult, RenewResult, Store, StepAlreadyPlanned, StoreUnavailable, SubmitOutcome, TaskRecord
 from e3.tasks.question import Question
 from services.scheduler.messages import (  # noqa: F401 - re-exported: the engine's API
     LeasedTask, LeaseResult, SchedulerError, StepReport, SubmittedSample, Submission, sample_to_dict,
 )
+from services.scheduler import validation
+from services.scheduler.failures import TaskFailureReport, absorb_step_failures, check_failure, failed_tasks_view
 from services.scheduler.work_signal import WorkSignal
 
 log = logging.getLogger("scheduler")
@@ -55,6 +57,7 @@ class SchedulerEngine:
         initial_weights_path: str = "",
         clock: Callable[[], float] = time.time,
         observer=None,
+        valid: Sequence[Question] = (),
     ) -> None:
         self.config = config
         self.store = store
@@ -64,6 +67,13 @@ class SchedulerEngine:
         if len(self.questions) != len(train):
             raise ValueError("training questions have duplicate ids")
         self.question_ids = [q.id for q in train]
+        # Validation (services.scheduler.validation): held-out questions, and as
+        # many training ("practice") questions, sampled by the replicas.
+        cap = config.validation_questions
+        self.valid = {q.id: q for q in (valid if cap is None else valid[:cap])}
+        if len(self.valid) != len(valid if cap is None else valid[:cap]):
+            raise ValueError("validation questions have duplicate ids")
+        self.practice_ids = self.question_ids[: len(self.valid)] if config.validation_practice else []
         self.priors = {q.id: q.prior_rank for q in train}
         self.steps_per_epoch = steps_per_epoch(len(train), config.training.batch_questions)
         alloc = config.allocation
@@ -104,7 +114,9 @@ class SchedulerEngine:
             }
         self.state = state
         if not state["finished"]:
-            if self._plan(state["step"], state) and observer:
+            if state["step"] >= config.training.steps:
+                self._plan_final_validation(state["step"], state)
+            elif self._plan(state["step"], state) and observer:
                 observer.on_plan(state["allocations"][str(state["step"])])
         if state["step"] > 0:
             # A scheduler that died between adopting a report and dropping the
@@ -176,6 +188,7 @@ class SchedulerEngine:
             )
             for i, (qid, count) in enumerate(zip(plan.question_ids, plan.counts))
         ]
+        tasks += self._validation_tasks(step, state)
         try:
             self.store.plan_step(step, tasks)
             fresh = True
@@ -187,6 +200,36 @@ class SchedulerEngine:
         for old in [k for k in allocations if int(k) <= step - ALLOCATION_HISTORY]:
             del allocations[old]
         return fresh
+
+    def _validation_tasks(self, step: int, state: dict) -> list[TaskRecord]:
+        """The validation and practice tasks of `step`, if validation is due on it."""
+        if not self.valid or not validation.due(step, self.config.validation_every, self.config.training.steps):
+            return []
+        splits = {"val": list(self.valid), "practice": self.practice_ids}
+        return [
+            TaskRecord(task_id=validation.task_id(step, split, i), step=step, question_id=qid,
+                       num_samples=self.config.validation_samples, temperature=self.config.validation_temperature,
+                       policy_version=state["policy_version"])
+            for split, ids in splits.items() for i, qid in enumerate(ids)
+        ]
+
+    def _plan_final_validation(self, step: int, state: dict) -> bool:
+        """Queue the final validation step (validation tasks only); True if newly queued."""
+        try:
+            self.store.plan_step(step, self._validation_tasks(step, state))
+            return True
+        except StepAlreadyPlanned:
+            return False
+
+    def has_final_validation(self) -> bool:
+        """Whether the run ends with a validation-only step numbered training.steps."""
+        return bool(self.valid)
+
+    def question_of(self, task: TaskRecord) -> Question:
+        """The question a task samples: a held-out one for "val" tasks, else a training one."""
+        if validation.split_of(task.task_id) == "val":
+            return self.valid[task.question_id]
+        return self.questions[task.question_id]
 
     # ---- work for generation replicas -----------------------------------
 
@@ -228,7 +271,7 @@ class SchedulerEngine:
         if finished:
             return LeaseResult([], version, weights, True, 0.0)
         records = self.store.lease(replica_id, max_tasks, now, self.config.scheduler.lease_s)
-        tasks = [LeasedTask(r, self.questions[r.question_id], self.config.training.max_tokens) for r in records]
+        tasks = [LeasedTask(r, self.question_of(r), self.config.training.max_tokens) for r in records]
         return LeaseResult(tasks, version, weights, False, 0.0)
 
     def _signal_work(self) -> None:
@@ -264,6 +307,47 @@ class SchedulerEngine:
             if self.observer:
                 self.observer.on_lease_expiries(len(expired))
         return len(expired)
+
+    def renew(self, replica_id: str, leases: Sequence[tuple[str, str]]) -> RenewResult:
+        """Extend the (task_id, lease_id) leases `replica_id` still holds by lease_s from now.
+
+        Leases past their expiry are collected first, so a lease that ran out
+        is lost (and its task re-queued) even if no lease call came in between.
+        """
+        if not replica_id:
+            raise SchedulerError("invalid_argument", "replica_id must be non-empty")
+        now = self.clock()
+        self.expire_leases(now)
+        result = self.store.renew(replica_id, leases, now, self.config.scheduler.lease_s)
+        if self.observer:
+            self.observer.on_renew(len(result.renewed), len(result.lost))
+        return result
+
+    def report_failure(self, failure: TaskFailureReport) -> FailResult:
+        """Count a replica's failure to produce a task's group (services.scheduler.failures)."""
+        check_failure(failure)
+        result = self.store.fail(failure.task_id, failure.lease_id, failure.replica_id, failure.reason,
+                                 failure.detail, self.config.scheduler.max_task_failures)
+        if result.outcome == FailOutcome.UNKNOWN:
+            raise SchedulerError("not_found", f"task_id {failure.task_id!r} is unknown")
+        if self.observer:
+            self.observer.on_task_failure(failure.reason, result.outcome)
+        if result.outcome == FailOutcome.REQUEUED:
+            self._signal_work()
+        elif result.outcome == FailOutcome.FAILED:
+            log.warning("task %s failed %d times, marked failed (last: %s on %s: %s)", failure.task_id,
+                        result.failures, failure.reason, failure.replica_id, failure.detail[:200])
+            if result.step_done == result.step_total:
+                with self._step_complete:
+                    self._step_complete.notify_all()
+        return result
+
+    def failed_tasks(self) -> list[dict]:
+        """The run's failed tasks, oldest first (the last FAILED_HISTORY of trained steps, then the current step's)."""
+        with self._lock:
+            step, finished = self.state["step"], self.state["finished"]
+            current = [] if finished else self.store.step_failures(step)
+            return failed_tasks_view(self.state, step, current)
 
     def submit(self, submission: Submission) -> tuple[SubmitOutcome, int, int]:
         task = self.store.task(submission.task_id)
@@ -304,18 +388,21 @@ class SchedulerEngine:
         group = {
             "task_id": task.task_id,
             "question_id": task.question_id,
-            "level": self.questions[task.question_id].level or 0,
+            "level": self.question_of(task).level or 0,
             "temperature": task.temperature,
             "policy_version": task.policy_version,
             "replica_id": submission.replica_id,
             "samples": [sample_to_dict(s) for s in submission.samples],
         }
         rewards = [s.reward for s in submission.samples]
-        result = self.store.complete(task.task_id, group, rewards)
+        # Validation rewards measure the policy; they must not move a question's difficulty.
+        counted = [] if validation.split_of(task.task_id) else rewards
+        result = self.store.complete(task.task_id, group, counted)
         if result.outcome == SubmitOutcome.ACCEPTED:
             self._note_lease_seconds(task.step, submission)
         if self.observer:
-            self.observer.on_submit(result.outcome, rewards, sum(len(s.response_token_ids) for s in submission.samples))
+            self.observer.on_submit(result.outcome, rewards, sum(len(s.response_token_ids) for s in submission.samples),
+                                    validation=validation.split_of(task.task_id) is not None)
         if result.step_done == result.step_total:
             with self._step_complete:
                 self._step_complete.notify_all()
@@ -347,7 +434,11 @@ class SchedulerEngine:
     # ---- the trainer's side ---------------------------------------------
 
     def wait_for_batch(self, step: int, wait_s: float) -> dict:
-        """The finished batch of `step`, waiting up to wait_s for its last groups."""
+        """The finished batch of `step`, waiting up to wait_s for its last groups.
+
+        "groups" are the training groups only; "validation" summarises the
+        step's validation groups (empty when none was due).
+        """
         with self._lock:
             current = self.state["step"]
             if self.state["finished"] and step >= current:
@@ -368,11 +459,14 @@ class SchedulerEngine:
                 # Submissions notify; the timeout also covers groups completed by another scheduler process.
                 self._step_complete.wait(min(remaining, 0.5))
             record = self.allocation(step) or {}
+            groups = self.store.step_groups(step)
             return {
                 "step": step,
                 "policy_version": record.get("policy_version", self.state["policy_version"]),
                 "temperature": record.get("temperature", self.temperature),
-                "groups": self.store.step_groups(step),
+                "groups": [g for g in groups if validation.split_of(g["task_id"]) is None],
+                "validation": validation.summarize(groups),
+                "failed_tasks": self.store.step_failures(step),
             }
 
     def report(self, report: StepReport) -> dict:
@@ -387,6 +481,8 @@ class SchedulerEngine:
             step, version = self.state["step"], self.state["policy_version"]
             if report.step == step - 1 and self.state["reports"] and self.state["reports"][-1]["step"] == report.step:
                 return self._ack()  # a retried report: already applied
+            if self.state["finished"] and (self.state.get("final_validation") or {}).get("step") == report.step:
+                return self._ack()  # a retried report of the final validation step
             if report.step != step:
                 raise SchedulerError("failed_precondition", f"report for step {report.step}, but the current step is {step}")
             done, total = self.store.step_progress(step)
@@ -399,10 +495,18 @@ class SchedulerEngine:
                 )
             if not report.skipped and not (math.isfinite(report.entropy) and report.entropy > 0):
                 raise SchedulerError("invalid_argument", f"entropy must be a positive number, got {report.entropy}")
+            if step >= self.config.training.steps:
+                return self._finish_validation(step, report)
 
-            groups = self.store.step_groups(step)
+            all_groups = self.store.step_groups(step)
+            groups = [g for g in all_groups if validation.split_of(g["task_id"]) is None]
+            measured = validation.summarize(all_groups)
             outcomes = [group_outcome([s["reward"] for s in g["samples"]]).value for g in groups]
             new = copy.deepcopy(self.state)
+            failed = self.store.step_failures(step)
+            absorb_step_failures(new, step, failed)
+            if measured:
+                new["validation"] = {"step": step, "policy_version": version} | measured
             if not report.skipped:
                 state = observe_entropy(self.temperature_config, self.temperature_state, report.entropy)
                 new["temperature"] = state.to_dict()
@@ -421,7 +525,9 @@ class SchedulerEngine:
                 "rollouts": sum(len(g["samples"]) for g in groups),
                 "outcomes": {o: outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")},
                 "metrics": dict(report.metrics),
+                "validation": measured,
                 "generation": self._generation_seconds(step),
+                "failed_tasks": len(failed),
             }
             new["reports"] = (new["reports"] + [entry])[-ALLOCATION_HISTORY:]
             next_step = step + 1
@@ -430,10 +536,12 @@ class SchedulerEngine:
                 self.store.save_ranks(ranks)
                 self._ranks = ranks
             new["step"] = next_step
-            if next_step >= self.config.training.steps:
-                new["finished"] = True
-            else:
+            if next_step < self.config.training.steps:
                 self._plan(next_step, new)
+            elif self.has_final_validation():
+                self._plan_final_validation(next_step, new)
+            else:
+                new["finished"] = True
             self.store.save_state(new)
             self.state = new
             try:
@@ -444,10 +552,32 @@ class SchedulerEngine:
                 log.warning("step %d adopted, but dropping its tasks failed: %s", step, exc)
             self._signal_work()
             if self.observer:
-                if not new["finished"]:
+                if str(next_step) in new["allocations"]:
                     self.observer.on_plan(new["allocations"][str(next_step)])
                 self.observer.on_report(entry, self)
             return self._ack()
+
+    def _finish_validation(self, step: int, report: StepReport) -> dict:
+        """Adopt the report of the final validation step: no update, the run is finished. Caller holds the lock."""
+        if report.new_policy_version != self.state["policy_version"] or not report.skipped:
+            raise SchedulerError("invalid_argument", f"step {step} validates the final policy only; report it "
+                                 f"skipped with new_policy_version {self.state['policy_version']}")
+        measured = validation.summarize(self.store.step_groups(step))
+        new = copy.deepcopy(self.state)
+        new["final_validation"] = {"step": step, "policy_version": new["policy_version"]} | measured
+        if measured:
+            new["validation"] = new["final_validation"]
+        new["finished"] = True  # "step" stays training.steps: the steps trained
+        self.store.save_state(new)
+        self.state = new
+        try:
+            self.store.drop_step(step)
+        except StoreUnavailable as exc:
+            log.warning("final validation step %d adopted, but dropping its tasks failed: %s", step, exc)
+        self._signal_work()
+        if self.observer and measured:
+            self.observer.on_validation(measured)
+        return self._ack()
 
     def _ack(self) -> dict:
         return {
@@ -465,6 +595,7 @@ class SchedulerEngine:
             record = self.allocation(step) or {}
             t = self.temperature_state
             done, total = self.store.step_progress(step) if not self.state["finished"] else (0, 0)
+            failed_now = len(self.store.step_failures(step)) if total else 0
             return {
                 "step": step,
                 "epoch": self.epoch_of(step),
@@ -484,5 +615,10 @@ class SchedulerEngine:
                 "leased_tasks": self.store.leased_count(),
                 "step_groups_done": done,
                 "step_groups_total": total,
+                "step_tasks_failed": failed_now,
+                "tasks_failed": self.state.get("tasks_failed", 0) + failed_now,
                 "questions": len(self.question_ids),
+                "validation_questions": len(self.valid),
+                # pass@1 of the last validation the replicas finished (services.scheduler.validation).
+                "validation": self.state.get("validation"),
             }

@@ -18,9 +18,11 @@ import grpc
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.store import StoreUnavailable
+from e3.tasks.prompts import chat_messages
 from services.common.auth import BearerTokenInterceptor
 from services.common.grpc_guard import MalformedRequestGuard
 from services.scheduler.engine import SchedulerEngine, SchedulerError, StepReport, SubmittedSample, Submission
+from services.scheduler.failures import TaskFailureReport
 
 STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
@@ -31,6 +33,7 @@ STATUS = {
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_LEASE = 4096
 MAX_WAIT_S = 600.0
+MAX_RENEW = 16 * MAX_LEASE  # leases one RenewLeases call may name: every lease in flight on a replica
 
 
 def _require(condition: bool, message: str, context: grpc.ServicerContext) -> None:
@@ -41,6 +44,7 @@ def _require(condition: bool, message: str, context: grpc.ServicerContext) -> No
 class SchedulerServicer(pb_grpc.SchedulerServicer):
     def __init__(self, engine: SchedulerEngine) -> None:
         self.engine = engine
+        self.prompt_template = engine.config.data.template()
 
     def _call(self, context, fn, *args):
         try:
@@ -70,6 +74,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     prompt=q.prompt, verifier=q.verifier, ground_truth=q.answer, num_samples=r.num_samples,
                     temperature=r.temperature, policy_version=r.policy_version,
                     lease_expires_at=r.lease_expires_at, max_tokens=leased.max_tokens,
+                    messages=[pb.ChatMessage(**m) for m in chat_messages(q, self.prompt_template)],
                 )
             )
         return reply
@@ -112,6 +117,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             chunk = pb.BatchChunk(
                 step=batch["step"], policy_version=batch["policy_version"], temperature=batch["temperature"],
                 total_groups=len(groups), last=start + per_chunk >= len(groups),
+                validation=batch.get("validation", {}) if start == 0 else {},
             )
             for g in groups[start:start + per_chunk]:
                 chunk.groups.append(
@@ -122,7 +128,25 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                         samples=[pb.Sample(**s) for s in g["samples"]],
                     )
                 )
+            if chunk.last:
+                chunk.failed_tasks.extend(pb.FailedTask(**f) for f in batch.get("failed_tasks", []))
             yield chunk
+
+    def RenewLeases(self, request: pb.RenewRequest, context) -> pb.RenewReply:
+        _require(bool(request.replica_id), "replica_id must be non-empty", context)
+        _require(len(request.leases) <= MAX_RENEW, f"leases must name at most {MAX_RENEW}, got {len(request.leases)}", context)
+        for i, ref in enumerate(request.leases):
+            _require(bool(ref.task_id) and bool(ref.lease_id), f"leases[{i}] needs a task_id and a lease_id", context)
+        leases = [(ref.task_id, ref.lease_id) for ref in request.leases]
+        result = self._call(context, self.engine.renew, request.replica_id, leases)
+        return pb.RenewReply(renewed_task_ids=result.renewed, lost_task_ids=result.lost,
+                             lease_expires_at=result.expires_at)
+
+    def ReportTaskFailure(self, request: pb.TaskFailure, context) -> pb.TaskFailureAck:
+        failure = TaskFailureReport(task_id=request.task_id, lease_id=request.lease_id, replica_id=request.replica_id,
+                                    reason=request.reason, detail=request.detail)
+        result = self._call(context, self.engine.report_failure, failure)
+        return pb.TaskFailureAck(outcome=result.outcome.value, failures=result.failures)
 
     def ReportStep(self, request: pb.StepReport, context) -> pb.StepAck:
         _require(math.isfinite(request.entropy), "entropy must be finite", context)

@@ -1,4 +1,4 @@
-"""The scheduler's HTTP face: state, statistics, allocations, leases; one admin action.
+"""The scheduler's HTTP face: state, statistics, allocations, leases, failed tasks; one admin action.
 
 Access, with a token configured (E3_API_TOKEN): the mutating endpoint
 (POST /v1/replicas/{id}/release) always needs `Authorization: Bearer
@@ -14,7 +14,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from e3.store import StoreUnavailable
 from services.common.auth import http_bearer
@@ -44,9 +44,14 @@ class State(BaseModel):
     weights_path: str
     queue_depth: int
     leased_tasks: int
-    step_groups_done: int
+    step_groups_done: int = Field(description="tasks of the current step finished: groups accepted plus tasks failed")
     step_groups_total: int
+    step_tasks_failed: int = Field(description="tasks of the current step marked failed (no group)")
+    tasks_failed: int = Field(description="tasks marked failed in the whole run (GET /v1/failed-tasks lists them)")
     questions: int
+    validation_questions: int = Field(description="held-out questions each validation samples")
+    validation: dict[str, float] | None = Field(
+        None, description="the last finished validation: step, policy_version, val_accuracy[_L<level>], train_accuracy")
 
 
 class QuestionView(BaseModel):
@@ -80,6 +85,16 @@ class Lease(BaseModel):
     replica_id: str
     expires_in_s: float
     times_leased: int
+
+
+class FailedTask(BaseModel):
+    step: int
+    task_id: str
+    question_id: str
+    reason: str = Field(description="the last failure's code: prompt_too_long | engine_error | reward_error")
+    detail: str
+    replica_id: str = Field(description="the replica that reported the last failure")
+    failures: int
 
 
 class Released(BaseModel):
@@ -155,6 +170,12 @@ def create_app(
     def leases() -> list[Lease]:
         """Tasks out with a replica right now, earliest expiry first."""
         return [Lease(**lease) for lease in engine.leases()]
+
+    @app.get("/v1/failed-tasks", response_model=list[FailedTask], dependencies=reader, responses=REFUSED)
+    def failed_tasks() -> list[FailedTask]:
+        """Tasks marked failed after scheduler.max_task_failures reports, oldest first: the last
+        256 of trained steps, then the current step's. Each counted as finished with no group."""
+        return [FailedTask(**f) for f in engine.failed_tasks()]
 
     @app.post("/v1/replicas/{replica_id}/release", response_model=Released, dependencies=writer, responses=REFUSED)
     def release(replica_id: str = Path(min_length=1, max_length=256)) -> Released:

@@ -16,6 +16,11 @@ class SchedulerMetrics:
         self.planned = Counter(m.ROLLOUTS_PLANNED_TOTAL, "Rollouts planned by the allocator", registry=r)
         self.generated = Counter(m.ROLLOUTS_GENERATED_TOTAL, "Rollouts generated and scored (accepted groups)", registry=r)
         self.trained = Counter(m.ROLLOUTS_TRAINED_TOTAL, "Rollouts in batches the trainer reported", registry=r)
+        self.validation_rollouts = Counter(m.VALIDATION_ROLLOUTS_TOTAL,
+                                           "Validation rollouts generated and scored (accepted groups; never trained)",
+                                           registry=r)
+        self.validation_tokens = Counter(m.VALIDATION_TOKENS_TOTAL, "Response tokens of accepted validation rollouts",
+                                         registry=r)
         self.allocation = Histogram(
             m.ALLOCATION_ROLLOUTS, "Rollouts given to one question in one step", registry=r,
             buckets=(1, 2, 4, 6, 8, 10, 12, 16, 24, 32),
@@ -34,6 +39,11 @@ class SchedulerMetrics:
         self.leased = Gauge(m.LEASED_TASKS, "Rollout tasks leased and not yet submitted", registry=r)
         self.expiries = Counter(m.LEASE_EXPIRIES_TOTAL, "Leases that expired and went back to the queue", registry=r)
         self.submissions = Counter(m.SUBMISSIONS_TOTAL, "Group submissions by result", ["result"], registry=r)
+        self.renewals = Counter(m.LEASE_RENEWALS_TOTAL, "Leases a replica asked to renew, by result", ["result"], registry=r)
+        self.failure_reports = Counter(m.TASK_FAILURE_REPORTS_TOTAL, "Task failures replicas reported, by reason and outcome",
+                                       ["reason", "outcome"], registry=r)
+        self.tasks_failed = Counter(m.TASKS_FAILED_TOTAL, "Tasks marked failed (finished with no group), by the last reason",
+                                    ["reason"], registry=r)
 
     def bind(self, engine) -> None:
         """Gauges read live from the engine and store at scrape time."""
@@ -51,16 +61,27 @@ class SchedulerMetrics:
         self.bounds.labels("n_min").set(record["n_min"])
         self.bounds.labels("n_max").set(record["n_max"])
 
-    def on_submit(self, outcome, rewards, tokens) -> None:
+    def on_submit(self, outcome, rewards, tokens, validation: bool = False) -> None:
         self.submissions.labels(outcome.value).inc()
         if outcome.value == "accepted":
-            self.generated.inc(len(rewards))
+            (self.validation_rollouts if validation else self.generated).inc(len(rewards))
+            if validation:
+                self.validation_tokens.inc(tokens)
 
     def on_rejected(self, reason: str) -> None:
         self.submissions.labels("rejected").inc()
 
     def on_lease_expiries(self, count: int) -> None:
         self.expiries.inc(count)
+
+    def on_renew(self, renewed: int, lost: int) -> None:
+        self.renewals.labels("renewed").inc(renewed)
+        self.renewals.labels("lost").inc(lost)
+
+    def on_task_failure(self, reason: str, outcome) -> None:
+        self.failure_reports.labels(reason, outcome.value).inc()
+        if outcome.value == "failed":
+            self.tasks_failed.labels(reason).inc()
 
     def on_report(self, entry: dict, engine) -> None:
         self.trained.inc(entry["rollouts"])
@@ -72,7 +93,11 @@ class SchedulerMetrics:
             self.entropy.set(entry["entropy"])
         if entry["target_entropy"] is not None:
             self.entropy_target.set(entry["target_entropy"])
-        for key, value in entry["metrics"].items():
+        self.on_validation(entry.get("validation") or {})
+
+    def on_validation(self, measured: dict) -> None:
+        """The pass@1 a finished validation measured (services.scheduler.validation.summarize)."""
+        for key, value in measured.items():
             if key == "val_accuracy":
                 self.validation.labels("all").set(value)
             elif key.startswith("val_accuracy_L"):

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from e3.config import ConfigError, load_config
-from e3.tasks.datasets import load_split
 from e3.tasks.question import DatasetError
 from services.common.http_thread import HttpServerThread
 from services.common.runtime import setup_logging, stop_event_on_signals
@@ -46,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     http = HttpServerThread(create_app(metrics, status), args.host, port, name="trainer-http")
     http.start()
     try:
-        valid = load_split(config.data, "valid", base_dir=Path.cwd())
-        practice = load_split(config.data, "train", base_dir=Path.cwd())[: len(valid)]
-        trainer = Trainer(config, Path(config.base_model), args.scheduler, valid, metrics=metrics, status=status,
-                          practice=practice)
+        trainer = Trainer(config, Path(config.base_model), args.scheduler, metrics=metrics, status=status)
         trainer.run(stop)
     except DatasetError as exc:
         log.error("cannot start: %s", exc)

@@ -4,6 +4,12 @@ Each sample becomes prompt + response tokens; the loss mask covers the
 response only. Advantages are group-normalised per question (groups have
 different sizes under E3) and every sample keeps the temperature it was
 sampled with, which the log-probabilities and entropy are computed at.
+
+A response cut at max_tokens (finish_reason "length") is marked
+`truncated`. With overlong="mask" it keeps its reward in its group's
+advantage but is left out of the loss (DAPO's overlong filtering: an
+unfinished answer is not evidence that its reasoning was wrong); with
+"score" it is trained on as scored.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ class TrainingBatch:
     group_sizes: list[int]
     outcomes: list[str]
     levels: list[int]
+    truncated: torch.Tensor | None = None  # [N] bool: cut at max_tokens
+    # [N, L - 1]: the sampler's log-probability of each response token, aligned
+    # with response_mask; NaN where the replica sent none.
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -39,14 +49,26 @@ class TrainingBatch:
         return TrainingBatch(
             self.input_ids[index], self.attention_mask[index], self.response_mask[index], self.advantages[index],
             self.temperatures[index], self.rewards[index], self.group_sizes, self.outcomes, self.levels,
+            None if self.truncated is None else self.truncated[index],
+            None if self.sampler_logprobs is None else self.sampler_logprobs[index],
         )
 
+    @property
+    def num_truncated(self) -> int:
+        return 0 if self.truncated is None else int(self.truncated.sum().item())
 
-def build_batch(groups: list[dict], pad_id: int) -> TrainingBatch:
-    """groups: dicts with 'temperature', 'level' and 'samples' (token ids and reward)."""
+
+OVERLONG = ("score", "mask")
+
+
+def build_batch(groups: list[dict], pad_id: int, overlong: str = "score") -> TrainingBatch:
+    """groups: dicts with 'temperature', 'level' and 'samples' (token ids, reward, optional finish_reason)."""
     if not groups:
         raise ValueError("a training batch needs at least one group")
-    sequences, prompt_lengths, advantages, temperatures, rewards = [], [], [], [], []
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+    sequences, prompt_lengths, advantages, temperatures, rewards, truncated = [], [], [], [], [], []
+    sampled_logprobs: list[list[float]] = []
     for g, group in enumerate(groups):
         samples = group["samples"]
         if not samples:
@@ -60,17 +82,26 @@ def build_batch(groups: list[dict], pad_id: int) -> TrainingBatch:
                 raise ValueError(f"group {g} sample {i}: prompt and response token ids must be non-empty")
             sequences.append(prompt + response)
             prompt_lengths.append(len(prompt))
+            truncated.append(s.get("finish_reason") == "length")
+            logprobs = list(s.get("response_logprobs") or [])
+            if logprobs and len(logprobs) != len(response):
+                raise ValueError(f"group {g} sample {i}: {len(logprobs)} response_logprobs for {len(response)} tokens")
+            sampled_logprobs.append(logprobs)
             temperatures.append(float(group["temperature"]))
     length = max(len(s) for s in sequences)
     n = len(sequences)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention = torch.zeros((n, length), dtype=torch.long)
     response_mask = torch.zeros((n, length - 1), dtype=torch.float32)
+    sampler = torch.full((n, length - 1), float("nan"), dtype=torch.float32)
     for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
         input_ids[i, : len(seq)] = torch.tensor(seq)
         attention[i, : len(seq)] = 1
         # logits at position t predict token t + 1: response tokens p..len-1 are predicted at p-1..len-2
-        response_mask[i, p - 1 : len(seq) - 1] = 1.0
+        if not (overlong == "mask" and truncated[i]):
+            response_mask[i, p - 1 : len(seq) - 1] = 1.0
+        if sampled_logprobs[i]:
+            sampler[i, p - 1 : len(seq) - 1] = torch.tensor(sampled_logprobs[i])
     return TrainingBatch(
         input_ids=input_ids,
         attention_mask=attention,
@@ -81,4 +112,6 @@ def build_batch(groups: list[dict], pad_id: int) -> TrainingBatch:
         group_sizes=[len(g["samples"]) for g in groups],
         outcomes=[group_outcome([s["reward"] for s in g["samples"]]).value for g in groups],
         levels=[int(g.get("level", 0)) for g in groups],
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        sampler_logprobs=sampler,
     )

@@ -13,6 +13,12 @@ A step whose loss or gradient is not finite is skipped (no optimizer step,
 no new policy), logged, counted in e3_trainer_skipped_steps_total and
 reported to the scheduler as skipped; training.max_bad_steps in a row stop
 the run. `fault.nan_steps` injects such steps for the fault tests.
+
+Validation is not run here: the replicas sample it with each step's policy
+(services.scheduler.validation) and its pass@1 arrives with the batch; the
+trainer writes it to metrics.jsonl (phase "baseline" for the base policy,
+"validation" after that) and, after the last step, reports the final
+validation step (no update) that the scheduler plans.
 """
 
 from __future__ import annotations
@@ -26,14 +32,14 @@ from pathlib import Path
 
 import grpc
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from e3.config import E3Config
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
-from e3.tasks.question import Question
+from e3.model.loading import load_causal_lm, load_tokenizer
 from services.common.auth import call_metadata
 from services.trainer.batching import build_batch
+from services.trainer.empty_step import empty_step, failed_task_dict
 from services.trainer.publish import (
     discard_unreported_versions,
     load_generator_state,
@@ -78,19 +84,15 @@ class Progress:
     pending_record: dict | None = None  # the metrics line of the pending report's step
     rollouts_trained: int = 0
     tokens_trained: int = 0
+    finished: bool = False  # the scheduler said the run is over
     extra: dict = field(default_factory=dict)
 
 
 class Trainer:
-    def __init__(self, config: E3Config, base_model: Path, scheduler_address: str, valid: list[Question],
-                 metrics=None, trainer_id: str = "trainer-0", status: dict | None = None,
-                 practice: list[Question] | None = None) -> None:
+    def __init__(self, config: E3Config, base_model: Path, scheduler_address: str,
+                 metrics=None, trainer_id: str = "trainer-0", status: dict | None = None) -> None:
         self.config = config
         self.base_model = base_model
-        self.valid = valid
-        # A fixed slice of the training questions: how well the policy does on
-        # what it practises, beside how well that carries over to `valid`.
-        self.practice = practice or []
         self.metrics = metrics
         self.trainer_id = trainer_id
         self.paths = TrainerPaths(Path(config.run_dir))
@@ -98,19 +100,19 @@ class Trainer:
         torch.set_num_threads(config.trainer.threads)
         torch.manual_seed(config.training.seed)
         self.generator = torch.Generator().manual_seed(config.training.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.tokenizer = load_tokenizer(base_model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.progress = Progress()
         checkpoint = latest_checkpoint(self.paths.checkpoints)
         source = checkpoint / "model" if checkpoint else base_model
-        # use_safetensors: never fall back to a pickled pytorch_model.bin.
-        self.model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+        # The model's own architecture (a Qwen2 keeps its biases), from safetensors only, checked first.
+        self.model = load_causal_lm(source, torch.float32)
         self.model.train()
         t = config.training
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         self.ref_model = None
         if t.kl_coef > 0:
-            self.ref_model = LlamaForCausalLM.from_pretrained(base_model, dtype=torch.float32, use_safetensors=True).eval()
+            self.ref_model = load_causal_lm(base_model, torch.float32).eval()
         if checkpoint:
             self.optimizer.load_state_dict(load_optimizer_state(checkpoint))
             self.progress = Progress(**json.loads((checkpoint / "progress.json").read_text()))
@@ -135,11 +137,13 @@ class Trainer:
         while not stop.is_set():
             request = pb.BatchRequest(trainer_id=self.trainer_id, step=step, wait_s=5.0, max_groups_per_chunk=64)
             try:
-                groups, header, first_chunk_at = [], None, None
+                groups, header, first_chunk_at, validation = [], None, None, {}
                 for chunk in self.stub.StreamBatch(request, metadata=self.call_metadata, timeout=60):
                     # The scheduler streams only once the step is complete, so
                     # from the first chunk on the wait is pure transfer.
-                    first_chunk_at = first_chunk_at or time.perf_counter()
+                    if first_chunk_at is None:
+                        first_chunk_at = time.perf_counter()
+                        validation = dict(chunk.validation)  # sent with the first chunk only
                     header = chunk
                     groups.extend(
                         {
@@ -147,7 +151,8 @@ class Trainer:
                             "policy_version": g.policy_version, "replica_id": g.replica_id,
                             "samples": [
                                 {"prompt_token_ids": list(s.prompt_token_ids), "response_token_ids": list(s.response_token_ids),
-                                 "reward": s.reward}
+                                 "reward": s.reward, "finish_reason": s.finish_reason,
+                                 "response_logprobs": list(s.response_logprobs)}
                                 for s in g.samples
                             ],
                         }
@@ -156,11 +161,17 @@ class Trainer:
                 if header is None or len(groups) != header.total_groups:
                     raise RuntimeError(f"step {step}: stream ended with {len(groups)} groups of {header and header.total_groups}")
                 return {"step": header.step, "temperature": header.temperature, "policy_version": header.policy_version,
-                        "groups": groups, "transfer_s": time.perf_counter() - first_chunk_at}
+                        "groups": groups, "validation": validation, "transfer_s": time.perf_counter() - first_chunk_at,
+                        # Sent with the last chunk: the step's tasks marked failed, with no group.
+                        "failed_tasks": [failed_task_dict(f) for f in header.failed_tasks]}
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     stop.wait(0.05)
                     continue
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "run is finished" in (exc.details() or ""):
+                    log.info("step %d: %s", step, exc.details())
+                    self.progress.finished = True
+                    return None
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "already trained" in (exc.details() or ""):
                     raise TrainingStopped(
                         f"the checkpoint resumes at step {step}, but the scheduler says: {exc.details()}. The updates "
@@ -183,34 +194,11 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------
 
-    def validate(self) -> dict[str, float]:
-        """Held-out accuracy: pass@1 as the paper measures it (the mean over samples) and greedy.
-
-        val_accuracy[_L<level>] is the mean over `validation_samples` samples
-        per question at `validation_temperature` (fixed, so it does not move
-        with the controller's T); val_greedy_accuracy is the greedy answer's.
-        train_accuracy is pass@1 on an equal number of the RL questions.
-        """
-        if not self.valid or self.valid[0].verifier != "arithmetic":
-            return {}
-        from e3.model.evaluate import accuracy_of
-
-        c = self.config
-        sampling = {"samples": c.validation_samples, "temperature": c.validation_temperature, "seed": 0}
-        result = _by_level("val_accuracy", accuracy_of(self.model, self.tokenizer, self.valid, **sampling), self.valid)
-        greedy = _by_level("val_greedy_accuracy", accuracy_of(self.model, self.tokenizer, self.valid), self.valid)
-        result["val_greedy_accuracy"] = greedy["val_greedy_accuracy"]
-        if self.practice:
-            practice = accuracy_of(self.model, self.tokenizer, self.practice, **sampling)
-            result["train_accuracy"] = _by_level("train_accuracy", practice, self.practice)["train_accuracy"]
-        self.model.train()
-        return result
-
     def train_step(self, step: int, batch: dict) -> tuple[dict, dict]:
         t = self.config.training
         timings = {}
         started = time.perf_counter()
-        tensors = build_batch(batch["groups"], self.pad_id)
+        tensors = build_batch(batch["groups"], self.pad_id, overlong=t.overlong)
         if step in self.config.fault.nan_steps:
             log.warning("step %d: fault injection (fault.nan_steps): advantages set to NaN", step)
             tensors.advantages.fill_(float("nan"))
@@ -245,13 +233,6 @@ class Trainer:
             weights = publish_policy(self.model, self.base_model, self.paths.weights, version)
         timings["publish"] = time.perf_counter() - started
 
-        validation = {}
-        last = step + 1 >= t.steps
-        if step % self.config.validation_every == self.config.validation_every - 1 or last or step == 0:
-            started = time.perf_counter()
-            validation = self.validate()
-            timings["validate"] = time.perf_counter() - started
-
         outcomes = {o: tensors.outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")}
         entropy = result.entropy if math.isfinite(result.entropy) and result.entropy > 0 else 1e-6
         loss = result.loss if math.isfinite(result.loss) else 0.0
@@ -262,19 +243,24 @@ class Trainer:
                 "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else -1.0,
                 "clip_fraction": result.clip_fraction, "approx_kl": result.approx_kl,
                 "mean_reward": float(tensors.rewards.mean()), "response_tokens": float(tensors.num_response_tokens),
-            } | validation,
+                "truncated_fraction": tensors.num_truncated / tensors.num_samples,
+            } | {name: value for name, value in (("sampler_logprob_diff_max", result.sampler_diff_max),
+                                                 ("sampler_logprob_diff_mean", result.sampler_diff_mean))
+                 if math.isfinite(value)},
         }
         record = {
             "step": step, "phase": "train", "temperature": batch["temperature"], "entropy": result.entropy,
             "loss": result.loss,
             "skipped": result.skipped, "policy_version": version, "sampled_policy_version": batch["policy_version"],
-            "rollouts": tensors.num_samples,
+            "rollouts": tensors.num_samples, "truncated": tensors.num_truncated,
             "tokens": tensors.num_response_tokens, "mean_reward": float(tensors.rewards.mean()),
             "group_sizes": tensors.group_sizes, "group_levels": tensors.levels, "outcomes": outcomes,
             "question_ids": [g["question_id"] for g in batch["groups"]],
             "replica_ids": [g.get("replica_id", "") for g in batch["groups"]],
             "grad_norm": result.grad_norm, "clip_fraction": result.clip_fraction, "timings": timings,
-        } | validation
+            "sampler_logprob_diff_max": _finite_or_none(result.sampler_diff_max),
+            "sampler_logprob_diff_mean": _finite_or_none(result.sampler_diff_mean),
+        }
         return report, record
 
     # ---- the loop ------------------------------------------------------------
@@ -287,19 +273,26 @@ class Trainer:
                 record = None  # the last run wrote its line before it stopped
             self._acknowledge(self.send_report(self.progress.pending_report), record)
         t = self.config.training
-        if self.progress.next_step == 0 and not self.paths.metrics.exists():
-            # The base policy's accuracy, so every run shows where it started.
-            baseline = {"step": -1, "phase": "baseline", "time": time.time()} | self.validate()
-            with self.paths.metrics.open("a") as f:
-                f.write(json.dumps(baseline) + "\n")
-        while not stop.is_set() and self.progress.next_step < t.steps:
+        # Steps 0..steps-1 train; a step numbered `steps`, when the scheduler
+        # plans one, only validates the final policy (services.scheduler.validation).
+        while not stop.is_set() and not self.progress.finished and self.progress.next_step <= t.steps:
             step = self.progress.next_step
             waited = time.perf_counter()
             batch = self.pull_batch(step, stop)
             if batch is None:
                 break
             wait_s = time.perf_counter() - waited
-            report, record = self.train_step(step, batch)
+            self._record_validation(step, batch)
+            if step >= t.steps:
+                self._finish_validation_step(step)
+                break
+            if batch["groups"]:
+                report, record = self.train_step(step, batch)
+            else:
+                log.warning("step %d has no groups (all %d tasks failed); reported as skipped", step,
+                            len(batch["failed_tasks"]))
+                report, record = empty_step(step, batch, self.progress.policy_version)
+            record["failed_tasks"] = batch["failed_tasks"]
             # "transfer" is the tail of "wait": the batch streaming in.
             record["timings"] |= {"wait": wait_s, "transfer": batch["transfer_s"]}
             self.progress.next_step = step + 1
@@ -317,6 +310,7 @@ class Trainer:
             record["timings"]["report"] = time.perf_counter() - started
             self._acknowledge(ack, record)
             if ack.finished:
+                self.progress.finished = True
                 break
         if self.progress.next_step >= t.steps:
             final = self.paths.run_dir / "final-model"
@@ -324,6 +318,32 @@ class Trainer:
                 publish_policy(self.model, self.base_model, self.paths.run_dir, 0, keep=10**9)
                 (self.paths.run_dir / "v000000").rename(final)
             log.info("training finished after %d steps; final model in %s", t.steps, final)
+
+    def _record_validation(self, step: int, batch: dict) -> None:
+        """Write the validation the replicas measured with step `step`'s policy (after `step` updates).
+
+        The line's "step" is the last step trained into that policy (-1 for
+        the base policy, phase "baseline"), as every reader of metrics.jsonl expects.
+        """
+        if not batch["validation"]:
+            return
+        trained = step - 1
+        if trained in self._recorded_steps(phases=("baseline", "validation")):
+            return  # a restarted trainer pulling the same step again
+        record = {"step": trained, "phase": "baseline" if step == 0 else "validation",
+                  "policy_version": batch["policy_version"], "rollouts_total": self.progress.rollouts_trained,
+                  "tokens_total": self.progress.tokens_trained, "time": time.time()} | batch["validation"]
+        with self.paths.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _finish_validation_step(self, step: int) -> None:
+        """Report the final validation step: nothing to train, the policy stays."""
+        report = {"step": step, "entropy": 1e-6, "loss": 0.0, "new_policy_version": self.progress.policy_version,
+                  "weights_path": "", "skipped": True, "metrics": {}}
+        ack = self.send_report(report)
+        self.progress.next_step = step + 1
+        self.progress.finished = bool(ack.finished)
+        self.status.update(step=self.progress.next_step, policy_version=self.progress.policy_version)
 
     def _acknowledge(self, ack: pb.StepAck, record: dict | None) -> None:
         if record is not None:
@@ -341,18 +361,13 @@ class Trainer:
         self.progress.pending_report = self.progress.pending_record = None
         self.status.update(step=self.progress.next_step, policy_version=self.progress.policy_version)
 
-    def _recorded_steps(self) -> set[int]:
-        """Steps that already have a train line in metrics.jsonl."""
+    def _recorded_steps(self, phases: tuple[str, ...] = ("train",)) -> set[int]:
+        """Steps that already have a line of one of `phases` in metrics.jsonl."""
         if not self.paths.metrics.exists():
             return set()
         with self.paths.metrics.open() as f:
-            return {r["step"] for r in map(json.loads, filter(str.strip, f)) if r.get("phase") == "train"}
+            return {r["step"] for r in map(json.loads, filter(str.strip, f)) if r.get("phase") in phases}
 
 
-def _by_level(name: str, by_level: dict[int, float], questions: list[Question]) -> dict[str, float]:
-    """{name: overall, name_L<level>: per level}; overall weighs each level by its question count."""
-    counts: dict[int, int] = {}
-    for q in questions:
-        counts[q.level] = counts.get(q.level, 0) + 1
-    overall = sum(by_level[level] * counts[level] for level in by_level) / sum(counts[level] for level in by_level)
-    return {name: overall} | {f"{name}_L{level}": acc for level, acc in by_level.items()}
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Whatever tokenizer files the base model has (a chat template may live in chat_template.jinja, a BPE
+# vocabulary in vocab.json + merges.txt); the model's own config.json comes from save_pretrained.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
 def version_dir(weights_dir: Path, version: int) -> Path:

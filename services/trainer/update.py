@@ -29,6 +29,11 @@ class UpdateResult:
     clip_fraction: float
     approx_kl: float
     optimizer_steps: int
+    # |sampler - trainer| log-probability of the sampled tokens under the
+    # pre-update policy, over response tokens (NaN without sampler values):
+    # near 0 when vLLM and the trainer run the same weights on the same input.
+    sampler_diff_max: float = float("nan")
+    sampler_diff_mean: float = float("nan")
 
 
 def _logits(model, batch: TrainingBatch) -> torch.Tensor:
@@ -72,6 +77,7 @@ def grpo_update(
     ref_model=None,
 ) -> UpdateResult:
     old, entropy = old_logprobs_and_entropy(model, batch, micro_batch)
+    diff_max, diff_mean = sampler_difference(old, batch)
     ref = None
     if kl_coef > 0:
         if ref_model is None:
@@ -120,4 +126,17 @@ def grpo_update(
         clip_fraction=sum(clip_fractions) / max(len(clip_fractions), 1),
         approx_kl=sum(kls) / max(len(kls), 1),
         optimizer_steps=steps,
+        sampler_diff_max=diff_max,
+        sampler_diff_mean=diff_mean,
     )
+
+
+def sampler_difference(old: torch.Tensor, batch: TrainingBatch) -> tuple[float, float]:
+    """Largest and mean |sampler logprob - trainer logprob| over the response tokens that have both."""
+    if batch.sampler_logprobs is None:
+        return float("nan"), float("nan")
+    both = (batch.response_mask > 0) & ~torch.isnan(batch.sampler_logprobs)
+    if not bool(both.any()):
+        return float("nan"), float("nan")
+    diff = (batch.sampler_logprobs[both] - old[both]).abs()
+    return float(diff.max()), float(diff.mean())

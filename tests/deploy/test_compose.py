@@ -18,6 +18,11 @@ def problems(model, variant="gpu"):
     return compose_check.drift_problems(model, variant)
 
 
+def mount(service, target):
+    """The volume entry of a resolved compose service mounted at `target`."""
+    return next(v for v in service["volumes"] if v["target"] == target)
+
+
 def test_compose_files_are_valid_against_the_compose_specification_schema():
     assert compose_check.compose_schema()["$id"] == "compose_spec.json"
     assert compose_check.schema_problems() == []
@@ -60,8 +65,21 @@ def test_redis_persists_to_an_append_only_file_on_a_volume(compose_models):
     (lambda s: s["generation"].update(container_name="gen"), "stop --scale"),
     (lambda s: s["generation"].pop("deploy"), "needs a GPU"),
     (lambda s: s["trainer"]["environment"].pop("E3_API_TOKEN"), "E3_API_TOKEN is not set"),
-    (lambda s: s["trainer"]["volumes"][1].update(read_only=True), "writes run_dir"),
-    (lambda s: s["generation"]["volumes"][1].update(source="other-volume"), "run_dir differs between services"),
+    (lambda s: mount(s["trainer"], "/var/lib/e3/run").update(read_only=True), "writes run_dir"),
+    (lambda s: mount(s["generation"], "/var/lib/e3/run").update(source="other-volume"), "run_dir differs between services"),
+    # The paper presets' model and data: mounted where each service opens them, for every preset.
+    (lambda s: s["trainer"]["volumes"].remove(mount(s["trainer"], "/models")),
+     "trainer: base_model /models/DeepSeek-R1-Distill-Qwen-1.5B is on no volume"),
+    (lambda s: s["generation"]["volumes"].remove(mount(s["generation"], "/models")),
+     "generation [E3_PRESET=paper-7b]: base_model /models/DeepSeek-R1-Distill-Qwen-7B is on no volume"),
+    (lambda s: s["scheduler"]["volumes"].remove(mount(s["scheduler"], "/var/lib/e3/data")),
+     "scheduler: train_data /var/lib/e3/data/e3-math/train.parquet is on no volume"),
+    (lambda s: mount(s["scheduler"], "/var/lib/e3/data").update(target="/data"),
+     "scheduler: valid_data /var/lib/e3/data/e3-math/valid.parquet is on no volume"),
+    (lambda s: s["base-model"]["volumes"].remove(mount(s["base-model"], "/models")), "base_model differs between services"),
+    (lambda s: s["base-model"].pop("environment"), "base-model: stages or checks base_model None, but the services read"),
+    (lambda s: s["trainer"]["environment"].pop("E3_PRESET"), "trainer: loads the e3 config but is not given E3_PRESET"),
+    (lambda s: s["trainer"]["environment"].update(E3_BASE_MODEL="models/x"), "base_model models/x is relative"),
     (lambda s: s["reward"]["healthcheck"].update(test=["CMD", "e3-healthcheck", "http://127.0.0.1:8200/ready"]), "health check"),
     (lambda s: s["scheduler"]["depends_on"].pop("base-model"), "does not start after the base-model step"),
     (lambda s: s["scheduler"]["environment"].update(E3_SCHEDULER__HOST="127.0.0.1"), "unreachable from other containers"),
@@ -70,6 +88,24 @@ def test_drift_between_compose_and_code_is_reported(gpu_model, mutate, expected)
     mutate(gpu_model["services"])
     found = problems(gpu_model)
     assert any(expected in p for p in found), found
+
+
+def test_the_gpu_stack_trains_the_paper_preset_and_mounts_its_model_and_data_read_only(compose_models):
+    services = compose_models["gpu"]["services"]
+    for name in ("base-model", "scheduler", "generation", "trainer"):
+        assert services[name]["environment"]["E3_PRESET"] == "paper-1.5b", name
+        assert mount(services[name], "/models").get("read_only") and mount(services[name], "/models")["type"] == "bind"
+    assert mount(services["scheduler"], "/var/lib/e3/data").get("read_only")
+    # The trainer writes the run where the replicas read it.
+    assert not mount(services["trainer"], "/var/lib/e3/run").get("read_only")
+    assert mount(services["generation"], "/var/lib/e3/run")["source"] == mount(services["trainer"], "/var/lib/e3/run")["source"]
+
+
+def test_the_cpu_stack_points_every_service_at_the_arithmetic_model(compose_models):
+    services = compose_models["cpu"]["services"]
+    for name in ("base-model", "scheduler", "generation", "trainer"):
+        environment = services[name]["environment"]
+        assert environment["E3_PRESET"] == "cpu" and environment["E3_BASE_MODEL"] == "/var/lib/e3/artifacts/base-model"
 
 
 def test_a_prometheus_job_on_the_wrong_port_is_reported(gpu_model, tmp_path):

@@ -88,6 +88,43 @@ def test_staging_leaves_a_model_in_place_alone(tmp_path):
     assert done.returncode == 0 and "in place" in done.stdout
 
 
-def test_staging_refuses_to_invent_a_model_for_the_math_task(tmp_path):
-    done = _stage(tmp_path, base_model=str(tmp_path / "missing"), data={"task": "math"})
+def test_staging_refuses_to_invent_a_model_for_a_file_dataset(tmp_path):
+    done = _stage(tmp_path, base_model=str(tmp_path / "missing"), data={"task": "files"})
     assert done.returncode == 2 and "copy the base model" in done.stderr
+
+
+def _script(name, tmp_path, *args, env=None, **config):
+    path = tmp_path / "e3.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, str(DOCKER / name), "--config", str(path), *args], capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def test_staging_refuses_an_arithmetic_model_in_place_of_the_model_a_preset_names(tmp_path):
+    done = _script("stage_base_model.py", tmp_path, env={"E3_PRESET": "paper-1.5b", "E3_BASE_MODEL": str(tmp_path / "m")})
+    assert done.returncode == 2 and "trains /models/DeepSeek-R1-Distill-Qwen-1.5B" in done.stderr
+
+
+def test_staging_says_how_to_name_a_model_when_the_preset_names_none(tmp_path):
+    done = _script("stage_base_model.py", tmp_path, env={"E3_PRESET": "grpo"})
+    assert done.returncode == 2 and "names no base_model" in done.stderr and "E3_BASE_MODEL" in done.stderr
+
+
+def test_waiting_ends_once_the_model_a_preset_names_is_in_place(tmp_path):
+    model = tmp_path / "model"
+    done = _script("wait_base_model.py", tmp_path, "--interval", "0.1", "--timeout", "0.3", base_model=str(model))
+    assert done.returncode == 1 and f"{model}/config.json did not appear" in done.stderr
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    done = _script("wait_base_model.py", tmp_path, "--timeout", "5", base_model=str(model))
+    assert done.returncode == 0 and "is there" in done.stdout
+
+
+def test_waiting_reads_the_model_from_the_preset_and_refuses_a_replaced_one(tmp_path):
+    # The preset chosen by E3_PRESET decides the path waited for.
+    done = _script("wait_base_model.py", tmp_path, "--interval", "0.1", "--timeout", "0.2", env={"E3_PRESET": "paper-7b"})
+    assert done.returncode == 1 and "/models/DeepSeek-R1-Distill-Qwen-7B/config.json" in done.stderr
+    done = _script("wait_base_model.py", tmp_path, env={"E3_PRESET": "paper-7b", "E3_BASE_MODEL": str(tmp_path)})
+    assert done.returncode == 2 and "replaces it" in done.stderr
+    done = _script("wait_base_model.py", tmp_path, env={"E3_PRESET": "cpu"})
+    assert done.returncode == 2 and "names no base_model" in done.stderr

@@ -20,6 +20,15 @@ def container(docs, kind, name):
     return find(docs, kind, name)["spec"]["template"]["spec"]["containers"][0]
 
 
+def init_container(docs, kind, name):
+    return find(docs, kind, name)["spec"]["template"]["spec"]["initContainers"][0]
+
+
+def mounts(entry, path):
+    """Drop the volume mount at `path` from a container."""
+    entry["volumeMounts"] = [m for m in entry["volumeMounts"] if m["mountPath"] != path]
+
+
 def test_every_overlay_validates_against_the_kubernetes_schemas(rendered):
     for overlay, docs in rendered.items():
         assert k8s_check.schema_problems(docs, overlay) == [], overlay
@@ -69,8 +78,25 @@ def _open_reward_to_trainer(docs):
     (lambda d: container(d, "Job", "e3-trainer")["volumeMounts"][1].update(subPath="other"), "run_dir is not the same path"),
     (lambda d: container(d, "Job", "e3-trainer")["env"][1]["valueFrom"]["secretKeyRef"].update(key="NOPE"),
      "missing secret key"),
-    (lambda d: find(d, "Deployment", "e3-generation")["spec"]["template"]["spec"]["initContainers"][0]["command"].__setitem__(
-        2, "until [ -f /var/lib/e3/artifacts/model/config.json ]; do sleep 5; done"), "waits for /var/lib/e3/artifacts/model"),
+    (lambda d: init_container(d, "Deployment", "e3-generation").update(
+        command=["sh", "-c", "until [ -f /var/lib/e3/artifacts/model/config.json ]; do sleep 5; done"]),
+     "waits for /var/lib/e3/artifacts/model/config.json"),
+    # The paper presets' model and data: mounted where each pod opens them, for every preset.
+    (lambda d: mounts(container(d, "Job", "e3-trainer"), "/models"),
+     "container trainer: base_model /models/DeepSeek-R1-Distill-Qwen-1.5B is on no volume"),
+    (lambda d: mounts(container(d, "Deployment", "e3-generation"), "/models"),
+     "container generation [E3_PRESET=paper-7b]: base_model /models/DeepSeek-R1-Distill-Qwen-7B is on no volume"),
+    (lambda d: mounts(container(d, "Deployment", "e3-scheduler"), "/var/lib/e3/data"),
+     "train_data /var/lib/e3/data/e3-math/train.parquet is on no volume"),
+    (lambda d: next(m for m in container(d, "Deployment", "e3-scheduler")["volumeMounts"]
+                    if m["mountPath"] == "/var/lib/e3/data").update(mountPath="/data"),
+     "valid_data /var/lib/e3/data/e3-math/valid.parquet is on no volume"),
+    (lambda d: mounts(container(d, "Job", "e3-base-model"), "/models"), "base_model is not the same path on the same volume"),
+    (lambda d: container(d, "Job", "e3-base-model").pop("envFrom"), "Job/e3-base-model stages or checks base_model None"),
+    (lambda d: init_container(d, "Job", "e3-trainer").pop("envFrom"), "init container wait-for-base-model waits for None"),
+    (lambda d: mounts(init_container(d, "Deployment", "e3-scheduler"), "/models"),
+     "init container wait-for-base-model does not look at the base model's volume"),
+    (lambda d: container(d, "Deployment", "e3-scheduler").pop("envFrom"), "not given E3_PRESET"),
     (lambda d: find(d, "Service", "e3-reward")["spec"]["ports"][0].update(port=8201), "Service e3-reward has no such port"),
     (lambda d: find(d, "ServiceMonitor", "e3-reward")["spec"]["endpoints"][0].update(port="metrics"), "not a named port"),
     (lambda d: find(d, "HorizontalPodAutoscaler", "e3-generation")["spec"]["metrics"][0]["external"]["metric"].update(
@@ -87,6 +113,25 @@ def test_drift_between_manifests_and_code_is_reported(gpu_docs, mutate, expected
     mutate(gpu_docs)
     found = k8s_check.drift_problems(gpu_docs, "gpu")
     assert any(expected in p for p in found), found
+
+
+def test_the_gpu_overlay_trains_the_paper_preset_from_read_only_model_and_data_volumes(rendered):
+    docs = rendered["gpu"]
+    assert settings(docs)["data"]["E3_PRESET"] == "paper-1.5b" and "E3_BASE_MODEL" not in settings(docs)["data"]
+    for kind, name in [("Deployment", "e3-scheduler"), ("Deployment", "e3-generation"), ("Job", "e3-trainer"),
+                       ("Job", "e3-base-model")]:
+        spec = find(docs, kind, name)["spec"]["template"]["spec"]
+        claims = {v["name"]: (v.get("persistentVolumeClaim") or {}).get("claimName") for v in spec["volumes"]}
+        model = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/models")
+        assert model["readOnly"] and claims[model["name"]] == "e3-models", name
+    data = next(m for m in container(docs, "Deployment", "e3-scheduler")["volumeMounts"] if m["mountPath"] == "/var/lib/e3/data")
+    assert data["readOnly"]
+    assert {"e3-models", "e3-data"} <= {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+
+
+def test_the_cpu_overlay_points_every_pod_at_the_arithmetic_model(rendered):
+    data = settings(rendered["cpu"])["data"]
+    assert data["E3_PRESET"] == "cpu" and data["E3_BASE_MODEL"] == "/var/lib/e3/artifacts/base-model"
 
 
 def test_cpu_overlay_requests_no_gpu_and_trains_on_the_cpu(rendered):
@@ -114,3 +159,19 @@ def test_network_policy_semantics_follow_kubernetes():
     assert not policies.allows(other_ns, db, 5432)  # a bare podSelector means the policy's namespace
     assert selects({"matchExpressions": [{"key": "app", "operator": "In", "values": ["db", "x"]}]}, {"app": "db"})
     assert not selects({"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}, {"app": "db"})
+
+
+def test_the_loader_pod_is_valid_and_mounts_the_volumes_the_overlay_defines(rendered):
+    import yaml
+
+    loader = yaml.safe_load((k8s_check.K8S_DIR / "addons" / "loader.yaml").read_text())
+    assert k8s_check.schema_problems([loader], "addons/loader.yaml") == []
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in loader["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    defined = {d["metadata"]["name"] for d in rendered["gpu"] if d["kind"] == "PersistentVolumeClaim"}
+    assert claims == {"e3-models", "e3-data", "e3-shared"} and claims <= defined
+    mounted = {m["mountPath"]: m for m in loader["spec"]["containers"][0]["volumeMounts"]}
+    # Where the pods read them, so `kubectl cp` paths are the paths the config names.
+    trainer, scheduler = container(rendered["gpu"], "Job", "e3-trainer"), container(rendered["gpu"], "Deployment", "e3-scheduler")
+    assert {"/models", "/var/lib/e3/run"} <= {m["mountPath"] for m in trainer["volumeMounts"]}
+    assert "/var/lib/e3/data" in {m["mountPath"] for m in scheduler["volumeMounts"]}
+    assert not mounted["/models"].get("readOnly") and mounted["/var/lib/e3/run"]["readOnly"]

@@ -77,10 +77,26 @@ def test_every_planned_rollout_was_generated_scored_and_trained_once(finished_ru
     assert planned == metric(sm, "e3_rollouts_generated_total") == metric(sm, "e3_rollouts_trained_total")
     assert planned == sum(r["rollouts"] for r in train)
     assert 'result="duplicate"' not in sm or metric(sm, "e3_submissions_total", 'result="duplicate"') == 0
+    # The replicas also sample and the reward service also scores the validation
+    # rollouts, which the scheduler counts apart and never trains on.
+    validated = metric(sm, "e3_validation_rollouts_total")
+    val = finished_run["config"]
+    validations = len([s for s in range(STEPS + 2) if s == 0 or s % val.validation_every == 0 or s == STEPS + 1])
+    # 40 held-out questions, and as many training ones as there are (32) for the practice pass@1.
+    assert validated == validations * (40 + 32) * val.validation_samples
     scored = metric(finished_run["reward_metrics"], "e3_reward_verifications_total")
-    assert scored == planned
+    assert scored == planned + validated
     generated_tokens = sum(metric(t, "e3_generation_tokens_total") for t in finished_run["generation_metrics"])
-    assert generated_tokens == sum(r["tokens"] for r in train)
+    assert generated_tokens == sum(r["tokens"] for r in train) + metric(sm, "e3_validation_tokens_total")
+
+
+def test_trainer_and_sampler_agree_on_every_log_probability(finished_run):
+    # The trainer recomputes each sampled token's log-probability at the sampling
+    # temperature with the weights the replicas sampled with (including those
+    # reloaded in place after every step): float32 on both sides, so they agree
+    # to rounding. A skipped weight or another prompt would be off by far more.
+    train = [r for r in finished_run["records"] if r.get("phase") == "train"]
+    assert all(r["sampler_logprob_diff_max"] < 1e-3 for r in train), [r["sampler_logprob_diff_max"] for r in train]
 
 
 def test_allocation_honoured_the_budget(finished_run):
@@ -127,4 +143,10 @@ def test_scheduler_state_matches_the_run(finished_run):
     assert Path(state["weights_path"]).name == f"v{STEPS + 1:06d}"
     assert (finished_run["run_dir"] / "final-model" / "model.safetensors").exists()
     evals = [r for r in finished_run["records"] if "val_accuracy" in r]
-    assert evals[0]["phase"] == "baseline" and len(evals) >= 2
+    # Validated by the replicas: the base policy, every second step's, and the final one.
+    assert [(r["phase"], r["step"]) for r in evals] == [("baseline", -1), ("validation", 1), ("validation", 3),
+                                                         ("validation", STEPS)]
+    assert [r["policy_version"] for r in evals] == [0, 2, 4, STEPS + 1]
+    assert all(r["val_questions"] == 40 and r["practice_questions"] == 32 for r in evals)
+    assert state["validation"]["policy_version"] == STEPS + 1
+    assert state["validation"]["val_accuracy"] == pytest.approx(evals[-1]["val_accuracy"])

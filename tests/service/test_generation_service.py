@@ -26,6 +26,7 @@ import yaml
 from transformers import LlamaForCausalLM
 
 from e3.config import load_config
+from e3.model import tokenizer as char_tokenizer
 from e3.model.llama import ModelSpec, build_model, save_model_dir
 from e3.store import open_store
 from e3.tasks.datasets import load_split
@@ -56,9 +57,12 @@ class Recorder:
 
     def on_plan(self, record): ...
     def on_report(self, entry, engine): ...
-    def on_submit(self, outcome, rewards, tokens): self.outcomes.append(outcome.value)
+    def on_submit(self, outcome, rewards, tokens, validation=False): self.outcomes.append(outcome.value)
+    def on_validation(self, measured): ...
     def on_rejected(self, reason): self.rejected.append(reason)
     def on_lease_expiries(self, count): self.expiries += count
+    def on_renew(self, renewed, lost): ...
+    def on_task_failure(self, reason, outcome): self.rejected.append(f"failure:{reason}")
 
 
 def _wait_until(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -156,7 +160,11 @@ def _check_batch(cluster, step: int, version: int) -> list[dict]:
     wanted = dict(zip(planned["question_ids"], planned["counts"]))
     groups = batch["groups"]
     assert sorted(g["question_id"] for g in groups) == sorted(wanted), "every planned task, exactly once"
+    # The character tokenizer has no chat template: the prompt is <bos> and one id per character.
+    vocab = {c: i for i, c in enumerate(char_tokenizer.SPECIAL_TOKENS + tuple(char_tokenizer.CHARACTERS))}
     for g in groups:
+        text = engine.questions[g["question_id"]].prompt
+        assert all(s["prompt_token_ids"] == [vocab["<bos>"]] + [vocab[c] for c in text] for s in g["samples"])
         assert g["policy_version"] == version
         assert g["replica_id"] == REPLICA
         assert g["temperature"] == planned["temperature"]

@@ -28,6 +28,8 @@ CONFIG = {
     "temperature": {"control": True, "init_steps": 1},
     "scheduler": {"lease_s": 1.5},
     "api_token": TOKEN,
+    # Validation tasks have their own test (test_scheduler_validation.py); here only training tasks are queued.
+    "validation_questions": 0,
 }
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 

@@ -71,32 +71,32 @@ def test_tls_files_need_a_rediss_url():
 
 
 BAD_ROWS = {
-    "empty prompt": ([{"role": "user", "content": "  "}], "7", 1, "prompt is empty"),
-    "missing answer": ([{"role": "user", "content": "1+1?"}], None, 1, "answer is missing"),
+    "empty prompt": ([{"role": "user", "content": "  "}], "7", 1, "'prompt'", "prompt is empty"),
+    "missing answer": ([{"role": "user", "content": "1+1?"}], None, 1, "'reward_model.ground_truth'", "answer is missing"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
 def test_a_bad_dataset_row_stops_the_scheduler_naming_file_and_row(tmp_path, case):
-    prompt, answer, row, words = BAD_ROWS[case]
+    prompt, answer, row, column, words = BAD_ROWS[case]
     good = {"data_source": "t", "prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"ground_truth": "4"}}
     bad = {"data_source": "t", "prompt": prompt, "reward_model": {"ground_truth": answer}}
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist([good, bad]), path)
-    proc, _ = scheduler(tmp_path, {}, {"data": {"task": "math", "math_train_path": str(path)}})
+    proc, _ = scheduler(tmp_path, {}, {"data": {"task": "files", "train_path": str(path)}})
     line = refused(proc)
-    assert f"{path}, row {row}" in line and words in line
+    assert f"{path}, row {row}" in line and words in line and column in line
 
 
 def test_a_dataset_with_wrong_columns_or_duplicate_ids_is_refused(tmp_path):
     wrong = tmp_path / "wrong.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "2+2?", "answer": "4"}]), wrong)
-    proc, _ = scheduler(tmp_path, {}, {"data": {"task": "math", "math_train_path": str(wrong)}})
+    proc, _ = scheduler(tmp_path, {}, {"data": {"task": "files", "train_path": str(wrong)}})
     line = refused(proc)
     assert str(wrong) in line and "missing columns" in line
 
     dupes = tmp_path / "dupes.jsonl"
     dupes.write_text("\n".join(json.dumps({"id": "q1", "prompt": f"{i}+1?", "answer": str(i + 1)}) for i in range(2)))
-    proc, _ = scheduler(tmp_path, {}, {"data": {"task": "math", "math_train_path": str(dupes)}}, name="dupes")
+    proc, _ = scheduler(tmp_path, {}, {"data": {"task": "files", "train_path": str(dupes)}}, name="dupes")
     line = refused(proc)
     assert f"{dupes}, row 1" in line and "duplicate id 'q1'" in line

@@ -103,9 +103,9 @@ def test_verdict_outcome_classifies_reasons():
     assert Verdict(0.0, "error: worker died", 0.1).outcome == "error"
 
 
-def test_verdict_rejects_non_binary_reward_and_missing_reason():
+def test_verdict_rejects_a_reward_outside_0_1_and_a_missing_reason():
     with pytest.raises(ValueError, match="reward"):
-        Verdict(0.5, "x", 0.0)
+        Verdict(1.5, "x", 0.0)
     with pytest.raises(ValueError, match="reason"):
         Verdict(0.0, None, 0.0)
 
