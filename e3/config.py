@@ -274,6 +274,10 @@ class E3Config(_Section):
 # AdamW state on one GPU, so memory goes to those rather than to activations.
 _PAPER_RUN: dict[str, Any] = {
     "validation_every": 10,
+    # One sample per validation question, as the reference validates, and no
+    # practice set: at 6k-token responses every validation sample costs a rollout.
+    "validation_samples": 1,
+    "validation_practice": False,
     "data": {"task": "files", "reward": "math"},
     "allocation": {"mode": "e3", "n": 8, "n_low": 4, "n_high": 12, "n_update": 2, "rerank": "epoch"},
     "temperature": {"control": True, "initial": 1.0, "init_steps": 1, "annealing": True,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from e3.model.loading import load_tokenizer
 from e3.tasks.prompts import render_messages_ids
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,6 @@ class GenerationEngine:
         """Build the engine on `model_dir` as policy `version`; returns the seconds it took."""
         model_dir = _check_model_dir(model_dir, "--model-dir")
         # Imported here so that importing this module (tests, --help) stays cheap.
-        from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -133,7 +133,7 @@ class GenerationEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gb))
         args = AsyncEngineArgs(**engine_arguments(model_dir, self.settings, on_cpu))
         begin = time.perf_counter()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)  # a one-line error naming what is missing
         self.llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = int(self.llm.model_config.max_model_len)
         elapsed = time.perf_counter() - begin

@@ -79,14 +79,16 @@ def test_eval_command_reports_pass_at_k_per_source_and_skips_prompts_too_long(tm
     data = tmp_path / "toy.jsonl"
     rows = [{"prompt": "12+30=", "answer": "42", "source": "toy"},
             {"prompt": "7+5=", "answer": "12", "source": "other"},
-            {"prompt": "what is " + "one plus " * 60 + "one?", "answer": "61", "source": "toy"}]
+            {"prompt": "what is " + "one plus " * 60 + "one?", "answer": "61", "source": "toy", "id": "toy-long"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval.json"
     run("e3", "eval", "--model", str(model), "--dataset", str(data), "--samples", "4", "--k", "1,4",
-        "--max-tokens", "8", "--out", str(out))
+        # The bare prompt: the 64-position arithmetic model has no room for the math instruction.
+        "--max-tokens", "8", "--prompt-template", "{prompt}", "--out", str(out))
     report = strict_json(out)
     assert report["questions"] == 3 and report["evaluated"] == 2 and report["skipped"] == 1
-    assert report["skipped_examples"][0]["id"] == "toy-2" and "context" in report["skipped_examples"][0]["reason"]
+    skipped = report["skipped_examples"][0]
+    assert skipped["id"] == "toy-long" and "the engine holds 64" in skipped["reason"], skipped
     assert set(report["by_source"]) == {"toy", "other"}
     for block in [report["overall"], *report["by_source"].values()]:
         assert 0.0 <= block["pass_at_k"]["1"] <= block["pass_at_k"]["4"] <= 1.0

@@ -74,6 +74,7 @@ def qwen2_run(tmp_path_factory, redis_server):
                   "weight_decay": 1.0},
         allocation={"n": 2, "n_low": 2, "n_high": 2},
         validation_every=2, validation_samples=2,
+        scheduler={"run_id": "e2e-qwen2-math"},  # its own keys on the session's Redis
     )
     running = start_stack(config, tmp / "run", trainer=False)
     try:

@@ -51,6 +51,7 @@ def finished_run(tmp_path_factory, redis_server):
         allocation={"n": 4, "n_low": 2, "n_high": 6, "n_update": 2},
         generation={"replicas": 2},
         validation_every=2,
+        scheduler={"run_id": "e2e-training-loop"},  # its own keys on the session's Redis
     )
     running = start_stack(config, run_dir)
     try:

@@ -56,7 +56,7 @@ def test_nan_steps_are_skipped_then_repeated_ones_stop_the_run_clearly(tmp_path)
     base = ensure_base_model(Path("artifacts"))
     http_port, grpc_port, trainer_port = free_port(), free_port(), free_port()
     config = {
-        "base_model": str(base.resolve()), "run_dir": str(tmp_path / "run"), "validation_every": 100,
+        "base_model": str(base.resolve()), "run_dir": str(tmp_path / "run"), "validation_questions": 0,
         "data": {"train_size": 8, "valid_size": 4}, "training": {"batch_questions": 4, "steps": 2, "max_bad_steps": 2},
         "allocation": {"n": 2, "n_low": 1, "n_high": 3},
         "scheduler": {"http_port": http_port, "grpc_port": grpc_port},
