@@ -131,7 +131,17 @@ class TrainingConfig(_Section):
     kl_coef: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     mini_batches: int = Field(1, ge=1, description="optimizer steps per training step")
-    micro_batch: int = Field(256, ge=1, description="sequences per forward/backward pass")
+    micro_batch: int = Field(256, ge=1, description="most sequences in one forward/backward pass (micro-batch); "
+                             "a micro-batch closes at this or at max_tokens_per_micro_batch, whichever comes first")
+    max_tokens_per_micro_batch: int = Field(
+        16384, ge=1, description="most padded tokens (sequences x the micro-batch's longest) in one forward/backward "
+        "pass: sequences are sorted by length and grouped under this budget, each micro-batch padded to its own "
+        "longest; a longer sequence gets a micro-batch of its own. Bounds memory, never changes the gradient "
+        "(token-level mean over the mini-batch)")
+    logit_chunk_tokens: int = Field(
+        1024, ge=1, description="positions whose float32 logits exist at once: lm_head runs on the last hidden "
+        "state this many positions at a time (recomputed per chunk in the backward pass), so no "
+        "[tokens x vocab] tensor is built for a whole micro-batch")
     max_tokens: int = Field(16, ge=1, description="longest response sampled")
     overlong: Literal["score", "mask"] = Field(
         "score", description="responses cut at max_tokens: score them as they are, or leave them out of the loss "

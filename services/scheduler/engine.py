@@ -67,13 +67,8 @@ class SchedulerEngine:
         if len(self.questions) != len(train):
             raise ValueError("training questions have duplicate ids")
         self.question_ids = [q.id for q in train]
-        # Validation (services.scheduler.validation): held-out questions, and as
-        # many training ("practice") questions, sampled by the replicas.
-        cap = config.validation_questions
-        self.valid = {q.id: q for q in (valid if cap is None else valid[:cap])}
-        if len(self.valid) != len(valid if cap is None else valid[:cap]):
-            raise ValueError("validation questions have duplicate ids")
-        self.practice_ids = self.question_ids[: len(self.valid)] if config.validation_practice else []
+        # Held-out and practice questions the replicas validate on (services.scheduler.validation).
+        self.validation = validation.ValidationSet(config, self.question_ids, valid)
         self.priors = {q.id: q.prior_rank for q in train}
         self.steps_per_epoch = steps_per_epoch(len(train), config.training.batch_questions)
         alloc = config.allocation
@@ -188,7 +183,7 @@ class SchedulerEngine:
             )
             for i, (qid, count) in enumerate(zip(plan.question_ids, plan.counts))
         ]
-        tasks += self._validation_tasks(step, state)
+        tasks += self.validation.tasks(step, state["policy_version"])
         try:
             self.store.plan_step(step, tasks)
             fresh = True
@@ -201,34 +196,18 @@ class SchedulerEngine:
             del allocations[old]
         return fresh
 
-    def _validation_tasks(self, step: int, state: dict) -> list[TaskRecord]:
-        """The validation and practice tasks of `step`, if validation is due on it."""
-        if not self.valid or not validation.due(step, self.config.validation_every, self.config.training.steps):
-            return []
-        splits = {"val": list(self.valid), "practice": self.practice_ids}
-        return [
-            TaskRecord(task_id=validation.task_id(step, split, i), step=step, question_id=qid,
-                       num_samples=self.config.validation_samples, temperature=self.config.validation_temperature,
-                       policy_version=state["policy_version"])
-            for split, ids in splits.items() for i, qid in enumerate(ids)
-        ]
-
     def _plan_final_validation(self, step: int, state: dict) -> bool:
         """Queue the final validation step (validation tasks only); True if newly queued."""
         try:
-            self.store.plan_step(step, self._validation_tasks(step, state))
+            self.store.plan_step(step, self.validation.tasks(step, state["policy_version"]))
             return True
         except StepAlreadyPlanned:
             return False
 
-    def has_final_validation(self) -> bool:
-        """Whether the run ends with a validation-only step numbered training.steps."""
-        return bool(self.valid)
-
     def question_of(self, task: TaskRecord) -> Question:
         """The question a task samples: a held-out one for "val" tasks, else a training one."""
         if validation.split_of(task.task_id) == "val":
-            return self.valid[task.question_id]
+            return self.validation.questions[task.question_id]
         return self.questions[task.question_id]
 
     # ---- work for generation replicas -----------------------------------
@@ -538,7 +517,7 @@ class SchedulerEngine:
             new["step"] = next_step
             if next_step < self.config.training.steps:
                 self._plan(next_step, new)
-            elif self.has_final_validation():
+            elif self.validation:  # the run ends with a validation-only step numbered training.steps
                 self._plan_final_validation(next_step, new)
             else:
                 new["finished"] = True
@@ -618,7 +597,7 @@ class SchedulerEngine:
                 "step_tasks_failed": failed_now,
                 "tasks_failed": self.state.get("tasks_failed", 0) + failed_now,
                 "questions": len(self.question_ids),
-                "validation_questions": len(self.valid),
+                "validation_questions": len(self.validation.questions),
                 # pass@1 of the last validation the replicas finished (services.scheduler.validation).
                 "validation": self.state.get("validation"),
             }

@@ -22,7 +22,11 @@ are those of that policy.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Sequence
+
+from e3.config import E3Config
+from e3.store.base import TaskRecord
+from e3.tasks.question import Question
 
 SPLITS = ("val", "practice")
 
@@ -71,3 +75,33 @@ def summarize(groups: Iterable[dict]) -> dict[str, float]:
         out["train_accuracy"] = sum(rewards["practice"]) / len(rewards["practice"])
         out["practice_questions"] = float(questions["practice"])
     return out
+
+
+class ValidationSet:
+    """The questions a run validates on, and the validation tasks of each step on which it is due."""
+
+    def __init__(self, config: E3Config, train_ids: Sequence[str], valid: Sequence[Question]) -> None:
+        cap = config.validation_questions
+        chosen = list(valid if cap is None else valid[:cap])
+        self.questions = {q.id: q for q in chosen}
+        if len(self.questions) != len(chosen):
+            raise ValueError("validation questions have duplicate ids")
+        # As many training questions as held-out ones: how the policy does on what it practises.
+        self.practice_ids = list(train_ids[: len(chosen)]) if config.validation_practice else []
+        self.every, self.total_steps = config.validation_every, config.training.steps
+        self.samples, self.temperature = config.validation_samples, config.validation_temperature
+
+    def __bool__(self) -> bool:
+        """False when there is nothing to validate on (validation_questions = 0 or no split)."""
+        return bool(self.questions)
+
+    def tasks(self, step: int, policy_version: int) -> list[TaskRecord]:
+        """The "val" and "practice" tasks of `step`, sampled with `policy_version`; none unless due."""
+        if not self.questions or not due(step, self.every, self.total_steps):
+            return []
+        splits = {"val": list(self.questions), "practice": self.practice_ids}
+        return [
+            TaskRecord(task_id=task_id(step, split, i), step=step, question_id=qid, num_samples=self.samples,
+                       temperature=self.temperature, policy_version=policy_version)
+            for split, ids in splits.items() for i, qid in enumerate(ids)
+        ]

@@ -37,8 +37,9 @@ from e3.config import E3Config
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.model.loading import load_causal_lm, load_tokenizer
+from e3.train.batching import build_batch
+from e3.train.update import grpo_update
 from services.common.auth import call_metadata
-from services.trainer.batching import build_batch
 from services.trainer.empty_step import empty_step, failed_task_dict
 from services.trainer.publish import (
     discard_unreported_versions,
@@ -49,7 +50,6 @@ from services.trainer.publish import (
     save_checkpoint,
     version_dir,
 )
-from services.trainer.update import grpo_update
 
 log = logging.getLogger("trainer")
 
@@ -206,6 +206,7 @@ class Trainer:
             self.model, self.optimizer, tensors,
             mini_batches=t.mini_batches, micro_batch=t.micro_batch, clip_low=t.clip_low, clip_high=t.clip_high,
             kl_coef=t.kl_coef, grad_clip=t.grad_clip, generator=self.generator, ref_model=self.ref_model,
+            max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, logit_chunk_tokens=t.logit_chunk_tokens,
         )
         timings["train"] = time.perf_counter() - started
         if result.skipped:

@@ -1,4 +1,4 @@
-"""The trainer's batch: overlong responses and the sampler's log-probabilities (services.trainer.batching)."""
+"""The trainer's batch: overlong responses and the sampler's log-probabilities (e3.train.batching)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from services.trainer.batching import build_batch
-from services.trainer.update import sampler_difference
+from e3.train.batching import build_batch
+from e3.train.update import sampler_difference
 
 
 def group(*samples, temperature=1.0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from services.trainer.batching import build_batch
-from services.trainer.update import grpo_update, old_logprobs_and_entropy
+from e3.train.batching import build_batch
+from e3.train.update import grpo_update, old_logprobs_and_entropy
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:

@@ -1,4 +1,4 @@
-"""Turns a step's groups into padded tensors for the GRPO update.
+"""Turns a step's groups into right-padded tensors for the GRPO update.
 
 Each sample becomes prompt + response tokens; the loss mask covers the
 response only. Advantages are group-normalised per question (groups have
@@ -45,12 +45,26 @@ class TrainingBatch:
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum().item())
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[N] prompt + response tokens of each sample (its padding excluded)."""
+        return self.attention_mask.sum(-1)
+
     def select(self, index: torch.Tensor) -> "TrainingBatch":
+        """The samples at `index`, padded only to their own longest sequence.
+
+        Padding is on the right and attention is causal, so dropping the
+        padding columns no selected sample needs changes no result.
+        """
+        if len(index) == 0:
+            raise ValueError("select needs at least one sample index")
+        width = int(self.lengths[index].max())
         return TrainingBatch(
-            self.input_ids[index], self.attention_mask[index], self.response_mask[index], self.advantages[index],
-            self.temperatures[index], self.rewards[index], self.group_sizes, self.outcomes, self.levels,
+            self.input_ids[index, :width], self.attention_mask[index, :width], self.response_mask[index, : width - 1],
+            self.advantages[index], self.temperatures[index], self.rewards[index],
+            self.group_sizes, self.outcomes, self.levels,
             None if self.truncated is None else self.truncated[index],
-            None if self.sampler_logprobs is None else self.sampler_logprobs[index],
+            None if self.sampler_logprobs is None else self.sampler_logprobs[index, : width - 1],
         )
 
     @property
