@@ -191,7 +191,9 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
                 "services.generation", "--config", config_path, "--model-dir", config.base_model,
                 "--scheduler", scheduler_address, "--reward-url", f"http://{host}:{ports['reward']}",
                 "--replica-id", f"gen-{i}", "--http-port", str(port),
-            ], f"http://{host}:{port}/healthz")
+            # /readyz: the engine is up and serves the scheduler's policy, so no
+            # replica is still starting while the others run the whole job.
+            ], f"http://{host}:{port}/readyz")
             for i, port in enumerate(ports["generation"])
         ]
         trainer_service = None
