@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -148,3 +149,6 @@ def test_compose_refuses_to_start_without_the_secrets(compose_models):
                            "-f", str(compose_check.ROOT / "docker-compose.yml"), "--env-file", os.devnull, "config", "-q"],
                           capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
     assert done.returncode != 0 and "required variable" in done.stderr and "compose.env.example" in done.stderr
+    # Compose reports whichever guard it meets first, so every guard must point at the example file.
+    guards = re.findall(r"\$\{[A-Z_]+:\?([^}]*)\}", (compose_check.ROOT / "docker-compose.yml").read_text())
+    assert guards and all("compose.env.example" in message for message in guards), guards
