@@ -15,7 +15,7 @@ base-model: setup
 	@$(PY) -m e3.model.base
 
 run: setup
-	@$(PY) -m e3 run
+	@$(PY) -m services run
 
 test: setup base-model compose-check k8s-check
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -33,6 +33,7 @@ k8s-check: setup
 
 # Benchmarks (docs in services/bench/learning.py and system.py); results land in bench/results/.
 # The -quick targets are the CI smoke sizes and write to runs/bench-quick/ instead.
+# BENCH_ARGS="--only trainer --device cuda" runs the trainer section alone, on a GPU (trainer.json/.md).
 bench-learning: setup base-model
 	@$(PY) -m services.bench.learning $(BENCH_ARGS)
 

@@ -3,7 +3,8 @@
 Precedence, lowest first: the preset (`cpu` by default), a YAML file, then
 environment variables. An environment variable `E3_<SECTION>__<FIELD>`
 overrides one field (`E3_TRAINING__STEPS=20`); a few common ones have short
-names (`E3_STORE_URL`, `E3_STORE_PASSWORD`, `E3_API_TOKEN`, `E3_RUN_DIR`).
+names (`E3_STORE_URL`, `E3_STORE_PASSWORD`, `E3_GENERATION_TOKEN`, `E3_TRAINER_TOKEN`,
+`E3_OPERATOR_TOKEN`, `E3_RUN_DIR`).
 Every flag is read here and nowhere else. The `fault` section injects faults
 for the fault tests (E3_FAULT__NAN_STEPS="2,3") and is never set in real runs.
 """
@@ -147,7 +148,9 @@ class TrainingConfig(_Section):
         "score", description="responses cut at max_tokens: score them as they are, or leave them out of the loss "
         "(DAPO's overlong filtering; they still count in their group's advantage)")
     seed: int = 0
-    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1, description="write the training state (sharded weights and AdamW "
+                                  "moments) every N steps; a restart without loss needs 1")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in <run_dir>/checkpoints, newest first")
     max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
 
 
@@ -214,9 +217,89 @@ class RewardConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    http_port: int = Field(8400, ge=0, le=65535, description="metrics/health port")
-    device: str = "cpu"
-    threads: int = Field(2, ge=1)
+    """The trainer's processes (e3.train.parallel, e3.train.sharding; docs/training.md)."""
+
+    http_port: int = Field(8400, ge=0, le=65535, description="metrics/health port (rank 0 only)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="cuda: rank r trains on GPU LOCAL_RANK (NCCL), failing at start without one; cpu: "
+        "the CPU (gloo); auto: cuda when a GPU is visible, else cpu")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of forward and backward (FSDP2 mixed precision); the sharded "
+        "weights and AdamW state stay float32 either way, gradients are reduced in float32")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass: less memory for "
+        "long sequences, about a third more compute")
+    threads: int = Field(2, ge=1, description="CPU threads per rank (torch.set_num_threads)")
+    local_ranks: int = Field(
+        1, ge=1, description="ranks `e3 run` starts on this machine (torchrun --nproc-per-node when above 1); "
+        "Compose and Kubernetes give torchrun its own arguments instead (docs/deploy.md)")
+    max_shard_size: str = Field(
+        "5GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$",
+        description="largest safetensors file of a published policy; a larger model is split into several "
+        "files with a model.safetensors.index.json, as save_pretrained writes them")
+    keep_policies: int = Field(3, ge=1, description="published policy versions kept in <run_dir>/weights")
+    control_timeout_s: float = Field(
+        6 * 3600, gt=0, description="how long ranks other than 0 wait for rank 0's next order (rank 0 waits for "
+        "generation to finish a step meanwhile)")
+
+
+class AuthConfig(_Section):
+    """One bearer token per role (services/common/auth.py says which calls each may make).
+
+    A service with a token of its role unset refuses to start, unless
+    `insecure_loopback` is true and everything it binds and calls is on loopback.
+    """
+
+    generation_token: str | None = Field(None, repr=False, description="the replicas' token: LeaseTasks, RenewLeases, "
+                                         "SubmitGroup, ReportTaskFailure, and the reward service's /v1/score")
+    trainer_token: str | None = Field(None, repr=False, description="the trainer's token: StreamBatch, ReportStep")
+    operator_token: str | None = Field(None, repr=False, description="the scheduler's mutating HTTP calls, and its "
+                                       "/v1 reads when api_read_open is false")
+    insecure_loopback: bool = Field(False, description="allow a role with no token (its calls are then open), only "
+                                    "when every address the service binds or calls is loopback")
+
+    @field_validator("generation_token", "trainer_token", "operator_token")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        # E3_TRAINER_TOKEN="" means "no token", never "the empty token".
+        return value or None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AuthConfig:
+        set_tokens = [(r, getattr(self, f"{r}_token")) for r in ("generation", "trainer", "operator")]
+        set_tokens = [(r, t) for r, t in set_tokens if t is not None]
+        for i, (role, token) in enumerate(set_tokens):
+            for other, other_token in set_tokens[i + 1:]:
+                if token == other_token:
+                    raise ValueError(f"auth.{role}_token and auth.{other}_token are the same; each role needs its own")
+        return self
+
+
+class TLSConfig(_Section):
+    """TLS for the scheduler's gRPC and HTTP and the reward service's HTTP (services/common/tls.py).
+
+    A server with cert_file and key_file serves TLS; with client_ca_file too it
+    asks every client for a certificate signed by it (mutual TLS). A client
+    with ca_file verifies servers against it and presents cert_file/key_file
+    when it has them.
+    """
+
+    cert_file: str | None = Field(None, description="this service's certificate (PEM, chain first)")
+    key_file: str | None = Field(None, description="the private key of cert_file (PEM)")
+    client_ca_file: str | None = Field(None, description="servers: require client certificates signed by these CAs")
+    ca_file: str | None = Field(None, description="clients: the CA bundle that verifies the servers' certificates")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both or neither")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file")
+        for name in ("cert_file", "key_file", "client_ca_file", "ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls.{name}: {path} is not a file")
+        return self
 
 
 class FaultConfig(_Section):
@@ -245,8 +328,8 @@ class E3Config(_Section):
     base_architecture: Literal["llama", "qwen2"] = Field(
         "llama", description="the base model built when base_model is None: llama (character tokenizer, plain "
         "prompts) or qwen2 (q/k/v biases, BPE tokenizer, chat template); see e3/model/architectures.py")
-    api_token: str | None = Field(None, repr=False, description="bearer token for mutating HTTP calls and all gRPC calls")
-    api_read_open: bool = Field(True, description="with a token set: False makes HTTP reads (/v1/...) need it too")
+    api_read_open: bool = Field(True, description="False makes the scheduler's HTTP reads (/v1/...) need the "
+                                "operator token too")
     validation_every: int = Field(5, ge=1, description="validate the policy of step 0, of every N-th step, and the final one")
     validation_questions: int | None = Field(
         None, ge=0, description="validate on the first N questions of the validation split; None: all; 0: no validation")
@@ -262,6 +345,8 @@ class E3Config(_Section):
     generation: GenerationConfig = GenerationConfig()
     reward: RewardConfig = RewardConfig()
     trainer: TrainerConfig = TrainerConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TLSConfig = TLSConfig()
     fault: FaultConfig = FaultConfig()
 
 
@@ -280,8 +365,11 @@ class E3Config(_Section):
 # reference's test_freq.
 # One GPU per replica (tensor_parallel_size 1), also for 7B: its bf16 weights
 # (15 GB) fit one GPU with room for the KV cache, and the deployments give a
-# replica exactly one GPU. micro_batch 1: the trainer keeps fp32 weights and
-# AdamW state on one GPU, so memory goes to those rather than to activations.
+# replica exactly one GPU. The trainer computes in bfloat16 over float32
+# sharded weights and AdamW state (FSDP2 mixed precision), recomputes layer
+# activations in the backward pass, and bounds each micro-batch by tokens
+# (16,384, about two full-length rollouts); docs/training.md gives the memory
+# this needs per GPU.
 _PAPER_RUN: dict[str, Any] = {
     "validation_every": 10,
     # One sample per validation question, as the reference validates, and no
@@ -293,9 +381,10 @@ _PAPER_RUN: dict[str, Any] = {
     "temperature": {"control": True, "initial": 1.0, "init_steps": 1, "annealing": True,
                     "annealing_ratio": 0.4, "annealing_factor": 0.9},
     "training": {"batch_questions": 64, "steps": 480, "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
-                 "mini_batches": 1, "micro_batch": 1, "max_tokens": 6144},
+                 "mini_batches": 1, "max_tokens": 6144, "max_tokens_per_micro_batch": 16384},
     "generation": {"tensor_parallel_size": 1, "max_model_len": 4608 + 6144, "dtype": "bfloat16",
                    "enable_prefix_caching": True},
+    "trainer": {"device": "cuda", "dtype": "bfloat16", "gradient_checkpointing": True},
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
@@ -312,7 +401,9 @@ PRESETS["paper"] = PRESETS["paper-1.5b"]  # the earlier name of the 1.5B run
 SHORT_ENV = {
     "E3_STORE_URL": ("scheduler", "store_url"),
     "E3_STORE_PASSWORD": ("scheduler", "store_password"),
-    "E3_API_TOKEN": ("api_token",),
+    "E3_GENERATION_TOKEN": ("auth", "generation_token"),
+    "E3_TRAINER_TOKEN": ("auth", "trainer_token"),
+    "E3_OPERATOR_TOKEN": ("auth", "operator_token"),
     "E3_RUN_DIR": ("run_dir",),
     "E3_PRESET": ("preset",),
     # The CPU stack's model (docker-compose.cpu.yml, the cpu overlay): it replaces any preset's.
@@ -323,6 +414,12 @@ SHORT_ENV = {
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names where it came from."""
+
+
+# The one token every role shared until per-role tokens; refused, never guessed into one of them.
+RETIRED_TOKEN = ("api_token (E3_API_TOKEN) is no longer read: each role has its own token now, "
+                 "auth.generation_token (E3_GENERATION_TOKEN), auth.trainer_token (E3_TRAINER_TOKEN) and "
+                 "auth.operator_token (E3_OPERATOR_TOKEN); docs/reliability.md says which calls each may make")
 
 
 def _merge(base: dict, update: Mapping) -> dict:
@@ -366,6 +463,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"config file {path}: {exc}") from exc
         if not isinstance(file_values, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
+    if "E3_API_TOKEN" in environ or "api_token" in file_values or "api_token" in overrides:
+        raise ConfigError(RETIRED_TOKEN)
     env_values = _env_overrides(environ)
     preset = overrides.get("preset") or env_values.get("preset") or file_values.get("preset") or "cpu"
     if preset not in PRESETS:

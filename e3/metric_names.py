@@ -27,9 +27,13 @@ QUEUE_DEPTH = "e3_queue_depth"
 LEASED_TASKS = "e3_leased_tasks"
 LEASE_EXPIRIES_TOTAL = "e3_lease_expiries_total"
 SUBMISSIONS_TOTAL = "e3_submissions_total"  # label result = accepted | duplicate | rejected
+# label reason = the check that failed (services.scheduler.submission): no_lease | stale_policy | wrong_temperature |
+# wrong_sample_count | empty_sample | mixed_prompts | bad_logprobs | bad_reward | response_too_long | over_context |
+# empty_prompt | token_out_of_vocabulary | prompt_mismatch | unknown_task
+SUBMISSIONS_REJECTED_TOTAL = "e3_submissions_rejected_total"  # label reason = the check that failed, as listed above
 LEASE_RENEWALS_TOTAL = "e3_lease_renewals_total"  # label result = renewed | lost
 TASK_FAILURE_REPORTS_TOTAL = "e3_task_failure_reports_total"  # label outcome = requeued | failed | stale | finished
-TASKS_FAILED_TOTAL = "e3_tasks_failed_total"  # label reason = prompt_too_long | engine_error | reward_error
+TASKS_FAILED_TOTAL = "e3_tasks_failed_total"  # label reason = prompt_too_long | engine_error | reward_error | rejected_group
 
 # Generation service (services/generation). Label replica on every series.
 GENERATION_TOKENS_TOTAL = "e3_generation_tokens_total"

@@ -43,7 +43,8 @@ import promql_checks
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"gpu": ("docker-compose.yml",), "cpu": ("docker-compose.yml", "docker-compose.cpu.yml")}
 # Stand-ins for the secrets compose requires (${VAR:?...}); never used for anything else.
-CHECK_ENV = {"REDIS_PASSWORD": "compose-check-redis", "E3_API_TOKEN": "compose-check-token",
+CHECK_ENV = {"REDIS_PASSWORD": "compose-check-redis", "E3_GENERATION_TOKEN": "compose-check-generation",
+             "E3_TRAINER_TOKEN": "compose-check-trainer", "E3_OPERATOR_TOKEN": "compose-check-operator",
              "GRAFANA_ADMIN_PASSWORD": "compose-check-grafana"}
 GPU_SERVICES = ("generation", "trainer")  # the e3 services that need a GPU on the GPU stack
 REDIS_DEFAULT_PORT = 6379
@@ -150,8 +151,7 @@ def drift_problems(model: dict, variant: str) -> list[str]:
             continue
         resolved[name] = (container, result)
         out += facts.env_problems(container) + facts.serving_problems(container, result)
-        if not container.env.get("E3_API_TOKEN"):
-            out.append(f"{where}: E3_API_TOKEN is not set; the services authenticate every call with it")
+        out += facts.token_problems(container, "(compose)")
         out += _port_problems(name, service, result, where)
         out += _volume_problems(service, result, where) + facts.path_problems(container, result)
         if facts.env_read_by(container.service)[1] and "E3_PRESET" not in container.env:
@@ -160,7 +160,7 @@ def drift_problems(model: dict, variant: str) -> list[str]:
     stagers = _stagers(services, stages, variant)
     out += _shared_volume_problems(services, {**resolved, **stagers}, variant) + _staged_model_problems(resolved, stagers)
     out += _preset_problems(services, stages, resolved, variant)
-    out += _gpu_problems(services, resolved, variant)
+    out += _gpu_problems(services, resolved, variant) + _launch_problems(services, resolved, variant)
     out += _prometheus_problems(services, resolved, variant)
     out += _grafana_problems(services, variant)
     return out
@@ -349,6 +349,25 @@ def _gpu_problems(services: dict, resolved: dict, variant: str) -> list[str]:
     return out
 
 
+def _launch_problems(services: dict, resolved: dict, variant: str) -> list[str]:
+    """The trainer runs under torchrun, one rank per GPU it claims (E3_GPU_COUNT, deploy/docker/gpu-claim.sh)."""
+    out = []
+    for name, (container, result) in resolved.items():
+        if container.service != "trainer":
+            continue
+        service = services[name]
+        devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+        has_gpu = any("gpu" in (d.get("capabilities") or []) for d in devices)
+        count = container.env.get("E3_GPU_COUNT", "1")
+        if has_gpu and not count.isdigit():
+            out.append(f"compose[{variant}] service {name}: E3_GPU_COUNT={count!r} is no number of GPUs")
+            continue
+        command = _unescape(service.get("command") or [])
+        out += facts.launch_problems(f"compose[{variant}] service {name}", command, int(count) if has_gpu else None,
+                                     1, result.config.trainer.device)
+    return out
+
+
 def _mounted_file(service: dict, inside: str) -> Path | None:
     """The repo path bind-mounted at (or above) `inside`."""
     mount = _mount_for(service, inside)
@@ -416,9 +435,14 @@ def _grafana_problems(services: dict, variant: str) -> list[str]:
     return out
 
 
-def dockerfile_problems() -> list[str]:
-    """Every Dockerfile target's own CMD, ports and health check against the code."""
-    stages = dockerfile.parse()
+# The e3 services each target runs: its CMD's, and the trainer on the CPU image (docker-compose.cpu.yml).
+RUN_BY_TARGET = {"generation-cpu": ("generation", "trainer")}
+
+
+def dockerfile_problems(stages: dict | None = None) -> list[str]:
+    """Every Dockerfile target's own CMD, ports and health check against the code,
+    and a build-time import of every service it runs."""
+    stages = stages or dockerfile.parse()
     targets = ("scheduler", "reward", "generation", "trainer", "generation-cpu")
     out = dockerfile.policy_problems(stages, list(targets))
     for target in targets:
@@ -427,6 +451,11 @@ def dockerfile_problems() -> list[str]:
         if split is None:
             continue
         where = f"Dockerfile target {target}"
+        checked = dockerfile.import_checked(stage)
+        for service in RUN_BY_TARGET.get(target, (split[0],)):
+            if f"services.{service}.__main__" not in checked:
+                out.append(f"{where}: no RUN {dockerfile.IMPORT_CHECK} services.{service}.__main__ after the code is "
+                           "copied; a broken image would fail in the pod, not in docker build")
         container = facts.Container(where, split[0], split[1], dict(stage.env), _config_file(split[1], stage))
         try:
             result = facts.resolve(container)

@@ -162,6 +162,24 @@ def env_read_by(service: str) -> tuple[frozenset[str], bool]:
     return frozenset(names), loads_config
 
 
+def token_problems(container: Container, how: str) -> list[str]:
+    """The role tokens a service needs to start are set (`how` says from where), and no others.
+
+    services.common.auth.SERVICE_ROLES names them; a token the service does
+    not need would let a compromised container make another role's calls.
+    """
+    from services.common.auth import ENV, SERVICE_ROLES
+
+    needed = SERVICE_ROLES[container.service]
+    out = [f"{container.where}: {ENV[r]} is not set {how}; {container.service} refuses to start without it"
+           for r in needed if not container.env.get(ENV[r])]
+    out += [f"{container.where}: {ENV[r]} is set, but {container.service} makes no {r} calls; give each service "
+            f"only its own roles' tokens" for r in ENV if r not in needed and ENV[r] in container.env]
+    if "E3_API_TOKEN" in container.env:
+        out.append(f"{container.where}: E3_API_TOKEN is retired; the services refuse it (set the per-role tokens)")
+    return out
+
+
 def env_problems(container: Container) -> list[str]:
     """Variables the code does not read (they would be silently ignored)."""
     literal, loads_config = env_read_by(container.service)
@@ -348,3 +366,57 @@ def serving_problems(container: Container, resolved: Resolved) -> list[str]:
     if resolved.bind_host in ("0.0.0.0", "::", ""):
         return []
     return [f"{container.where}: {container.service} binds {resolved.bind_host}, unreachable from other containers"]
+
+
+# ---------------------------------------------------------------- the trainer's launch
+
+def torchrun_args(command: list[str]) -> argparse.Namespace | None:
+    """torchrun's own parse (torch.distributed.run) of a `torchrun ...` command, else None."""
+    if not command or Path(command[0]).name != "torchrun":
+        return None
+    from torch.distributed.run import get_args_parser
+
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        try:
+            return get_args_parser().parse_args(command[1:])
+        except SystemExit:
+            raise DriftError(f"torchrun rejects {command[1:]}: {errors.getvalue().strip()}") from None
+
+
+def launch_problems(where: str, command: list[str], gpus: int | None, nodes: int, device: str) -> list[str]:
+    """The trainer's torchrun launch against what it is given: `gpus` GPUs a node (None: none),
+    `nodes` nodes, and trainer.device. Returns problems; a rank count of "gpu" counts the
+    GPUs the container sees, so it matches any GPU count by construction."""
+    try:
+        args = torchrun_args(command)
+    except DriftError as exc:
+        return [f"{where}: {exc}"]
+    if args is None:
+        return [f"{where}: the trainer is not started by torchrun (its ranks read RANK/WORLD_SIZE from it)"]
+    out = []
+    if not (args.module and args.training_script == "services.trainer"):
+        out.append(f"{where}: torchrun must run `-m services.trainer`, not {args.training_script!r}")
+    nproc = args.nproc_per_node
+    if gpus is None and nproc != "1":
+        out.append(f"{where}: --nproc-per-node={nproc} without a GPU; the CPU trainer runs one rank (1)")
+    elif gpus is not None and nproc not in ("gpu", str(gpus)):
+        out.append(f"{where}: --nproc-per-node={nproc} but the container is given {gpus} GPU(s) "
+                   f"(use gpu, one rank per visible GPU, or {gpus})")
+    wanted = "cpu" if gpus is None else "cuda"
+    if device != wanted:
+        out.append(f"{where}: trainer.device is {device!r} but the container has {'no' if gpus is None else gpus} GPU(s); "
+                   f"set E3_TRAINER__DEVICE={wanted}")
+    low, _, high = str(args.nnodes).partition(":")
+    if int(high or low) != nodes or int(low) != nodes:
+        out.append(f"{where}: --nnodes={args.nnodes} but {nodes} node(s) run the trainer")
+    if nodes > 1:
+        if args.standalone or args.rdzv_backend != "c10d" or not args.rdzv_endpoint or args.rdzv_id in (None, "", "none"):
+            out.append(f"{where}: {nodes} nodes need torchrun's c10d rendezvous "
+                       "(--rdzv-backend=c10d, --rdzv-endpoint=HOST:PORT, --rdzv-id)")
+        if not args.local_addr:
+            out.append(f"{where}: {nodes} nodes need --local-addr per node, so that node 0 sorts first and holds "
+                       "rank 0 (the only rank that serves HTTP)")
+    elif not (args.standalone or args.rdzv_endpoint):
+        out.append(f"{where}: one node needs --standalone or a --rdzv-endpoint")
+    return out

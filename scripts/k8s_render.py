@@ -27,8 +27,10 @@ import dockerfile
 from k8s_netpol import selects
 
 ROOT = Path(__file__).resolve().parent.parent
-STAND_IN_SECRETS = {"E3_API_TOKEN": "k8s-check-token", "REDIS_PASSWORD": "k8s-check-redis"}
+STAND_IN_SECRETS = {"E3_GENERATION_TOKEN": "k8s-check-generation", "E3_TRAINER_TOKEN": "k8s-check-trainer",
+                    "E3_OPERATOR_TOKEN": "k8s-check-operator", "REDIS_PASSWORD": "k8s-check-redis"}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 
 def kustomize_command() -> list[str] | None:
@@ -82,7 +84,12 @@ class Rendered:
 
     @staticmethod
     def pod_labels(workload: dict) -> dict:
-        return workload["spec"]["template"]["metadata"].get("labels") or {}
+        """The labels of the workload's pods; for an Indexed Job, those of pod 0, with the index
+        label the Job controller adds (Kubernetes 1.28+)."""
+        labels = dict(workload["spec"]["template"]["metadata"].get("labels") or {})
+        if workload["kind"] == "Job" and workload["spec"].get("completionMode") == "Indexed":
+            labels[INDEX_LABEL] = "0"
+        return labels
 
     def env_of(self, container: dict, where: str) -> dict[str, str]:
         env: dict[str, str] = {}

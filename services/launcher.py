@@ -6,12 +6,18 @@ progress bar fed by the trainer's metrics, and stops everything cleanly when
 training ends, when a service dies, or on Ctrl-C. Everything lands in the
 run directory: config.yaml, logs/, metrics.jsonl, weights/, checkpoints/,
 final-model/, plots/ and summary.json.
+
+Access: the launcher makes a fresh token for each role (generation, trainer,
+operator) that the config leaves unset, so `make run` needs no setup; the
+services get the tokens, and the store password, from their environment,
+never from config.yaml or a command line (secret_env).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from e3.config import ConfigError, E3Config
+from services.common.auth import ENV, ROLES
 from services.common.runtime import free_port
 
 console = Console(stderr=True)
@@ -119,17 +126,18 @@ def resolve_run_config(config: E3Config, run_dir: Path) -> tuple[E3Config, dict]
     config.scheduler.http_port, config.scheduler.grpc_port = ports["scheduler_http"], ports["scheduler_grpc"]
     config.reward.port, config.trainer.http_port = ports["reward"], ports["trainer"]
     config.generation.http_port = ports["generation"][0]
+    for role in ROLES:
+        if getattr(config.auth, f"{role}_token") is None:
+            setattr(config.auth, f"{role}_token", secrets.token_urlsafe(32))
     # Secrets stay out of the file; the services get them from the environment (secret_env).
-    public = config.model_dump(exclude={"api_token": True, "scheduler": {"store_password"}})
+    public = config.model_dump(exclude={"auth": {f"{role}_token" for role in ROLES}, "scheduler": {"store_password"}})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False))
     return config, ports
 
 
 def secret_env(config: E3Config) -> dict[str, str]:
     """The secrets config.yaml leaves out, as the environment variables the services read."""
-    out = {}
-    if config.api_token:
-        out["E3_API_TOKEN"] = config.api_token
+    out = {ENV[role]: getattr(config.auth, f"{role}_token") for role in ROLES if getattr(config.auth, f"{role}_token")}
     if config.scheduler.store_password:
         out["E3_STORE_PASSWORD"] = config.scheduler.store_password
     return out
@@ -198,8 +206,12 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
         ]
         trainer_service = None
         if trainer:
-            trainer_service = stack.start("trainer", ["services.trainer", "--config", config_path,
-                                                      "--scheduler", scheduler_address, "--http-port", str(ports["trainer"])])
+            trainer_args = ["services.trainer", "--config", config_path, "--scheduler", scheduler_address,
+                            "--http-port", str(ports["trainer"])]
+            if config.trainer.local_ranks > 1:  # one job of N ranks on this machine (services.trainer.loop)
+                trainer_args = ["torch.distributed.run", "--standalone", f"--nproc-per-node={config.trainer.local_ranks}",
+                                "-m", *trainer_args]
+            trainer_service = stack.start("trainer", trainer_args)
         for replica in replicas:
             stack.wait_ready(replica, 300)
     except BaseException:

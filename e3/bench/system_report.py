@@ -23,6 +23,8 @@ def system_markdown(results: dict) -> str:
         f"{results['machine']['load_average_at_start']:.1f} at the start); total wall time "
         f"{results['wall_s']['total'] / 60:.1f} min. Do not edit: rerun the command.",
     ]
+    if results.get("note"):
+        out += ["", results["note"]]
     g = results.get("generation")
     if g:
         out += ["", "## Generation: the service end to end against vLLM offline", "",

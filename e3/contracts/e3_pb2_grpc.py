@@ -5,7 +5,7 @@ import warnings
 
 from . import e3_pb2 as e3__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -88,7 +88,9 @@ class SchedulerServicer:
 
     def StreamBatch(self, request, context):
         """The trainer streams the batch of a step once every group is in. Groups
-        arrive in chunks so that a large batch never hits the message size limit.
+        arrive whole and in plan order, in chunks bounded by serialized bytes
+        (BatchRequest.max_chunk_bytes) and by a group count, so that a large
+        batch never hits the message size limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,14 +3,15 @@
 The scheduler keeps everything that must survive it here: its state document
 (step, epoch, temperature state, policy version...), per-question statistics,
 the current ranks, each step's rollout tasks with their leases, and the
-finished groups and failed tasks. Every operation that several replicas can
+finished groups and failed tasks. A group is bytes the caller encoded
+(services.scheduler.stored_groups): the store keeps exactly those bytes,
+once, under its task, and returns them as they came. Every operation that several replicas can
 race on (lease, renew, expire, complete, fail) is atomic in both backends.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -160,8 +161,8 @@ class Store(ABC):
         """The leased tasks, earliest expiry first."""
 
     @abstractmethod
-    def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
-        """Mark a task done, keep its group and add its rewards to the question's
+    def complete(self, task_id: str, group: bytes, rewards: Sequence[float]) -> SubmitResult:
+        """Mark a task done, keep its group (opaque bytes) and add its rewards to the question's
         statistics, all at once; completing a finished (done or failed) task is a
         DUPLICATE and changes nothing."""
 
@@ -173,8 +174,8 @@ class Store(ABC):
         """(tasks finished: done or failed, tasks planned) for a step."""
 
     @abstractmethod
-    def step_groups(self, step: int) -> list[dict]:
-        """The finished groups of a step, in the order its tasks were planned."""
+    def step_groups(self, step: int) -> list[bytes]:
+        """The finished groups of a step, the bytes `complete` was given, in the order its tasks were planned."""
 
     @abstractmethod
     def step_failures(self, step: int) -> list[dict]:
@@ -214,19 +215,16 @@ def check_plan(step: int, tasks: Sequence[TaskRecord]) -> None:
         seen.add(task.task_id)
 
 
-def encode_completion(group: dict, rewards: Sequence[float]) -> tuple[str, int, float]:
-    """(group as JSON, number of rewards, their sum); rejects non-finite rewards.
-
-    Groups are kept as JSON in both backends, so what comes back from
-    step_groups is the same plain data whichever backend stored it.
-    """
-    if not isinstance(group, dict):
-        raise TypeError(f"group must be a dict, got {type(group).__name__}")
+def encode_completion(group: bytes, rewards: Sequence[float]) -> tuple[bytes, int, float]:
+    """(group as bytes, number of rewards, their sum); rejects a group that is
+    not bytes and non-finite rewards, so both backends refuse the same things."""
+    if not isinstance(group, (bytes, bytearray)):
+        raise TypeError(f"group must be bytes (an encoded group), got {type(group).__name__}")
     values = [float(r) for r in rewards]
     for index, value in enumerate(values):
         if not math.isfinite(value):
             raise ValueError(f"reward {index} is {value}; rewards must be finite")
-    return json.dumps(group), len(values), float(sum(values))
+    return bytes(group), len(values), float(sum(values))
 
 
 def failure_record(task: TaskRecord, reason: str, detail: str, replica_id: str) -> dict:

@@ -4,12 +4,15 @@ One `threading.Lock` guards every structure, so each method is atomic with
 respect to the others; that is all the scheduler's races need in one process.
 With a snapshot path the store loads the file at start (if it exists) and
 rewrites it atomically on `save_state` and `close`, so a restarted scheduler
-resumes where the last save left it. Work completed after the last save is
+resumes where the last save left it. Groups are the caller's bytes, kept
+as they came (base64 in the snapshot). Work completed after the last save is
 lost on a crash; this backend is for tests and single-machine runs.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import json
@@ -40,7 +43,7 @@ from e3.store.base import (
 )
 
 SNAPSHOT_FORMAT = "e3-memory-store"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: groups are base64 bytes; 1 (groups as JSON objects) still loads
 _TASK_TYPES = typing.get_type_hints(TaskRecord)
 
 
@@ -59,7 +62,7 @@ class MemoryStore(Store):
         self._ranks: dict[str, float] = {}
         self._tasks: dict[str, TaskRecord] = {}
         self._steps: dict[int, list[str]] = {}  # task ids in plan order
-        self._groups: dict[int, dict[str, str]] = {}  # step -> task id -> group JSON
+        self._groups: dict[int, dict[str, bytes]] = {}  # step -> task id -> group, the caller's bytes
         self._failed: dict[int, dict[str, str]] = {}  # step -> task id -> failure record JSON
         self._queue: deque[str] = deque()
         self._leases: dict[str, float] = {}  # task id -> lease expiry
@@ -192,8 +195,8 @@ class MemoryStore(Store):
         with self._lock:
             return [dataclasses.replace(self._tasks[t]) for _, t in sorted((e, t) for t, e in self._leases.items())]
 
-    def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
-        group_json, count, total = encode_completion(group, rewards)
+    def complete(self, task_id: str, group: bytes, rewards: Sequence[float]) -> SubmitResult:
+        group_bytes, count, total = encode_completion(group, rewards)
         with self._lock:
             task = self._tasks.get(task_id)
             if task is None:
@@ -207,7 +210,7 @@ class MemoryStore(Store):
                 self._queue.remove(task_id)
             self._leases.pop(task_id, None)
             task.status = TaskStatus.DONE
-            groups[task_id] = group_json
+            groups[task_id] = group_bytes
             if count:
                 self._stats[task.question_id] = self._add(task.question_id, count, total)
             return SubmitResult(SubmitOutcome.ACCEPTED, *self._progress(task.step))
@@ -226,10 +229,10 @@ class MemoryStore(Store):
         with self._lock:
             return self._progress(step)
 
-    def step_groups(self, step: int) -> list[dict]:
+    def step_groups(self, step: int) -> list[bytes]:
         with self._lock:
             groups = self._groups.get(step, {})
-            return [json.loads(groups[t]) for t in self._steps.get(step, []) if t in groups]
+            return [groups[t] for t in self._steps.get(step, []) if t in groups]
 
     def step_failures(self, step: int) -> list[dict]:
         with self._lock:
@@ -276,7 +279,8 @@ class MemoryStore(Store):
             "ranks": self._ranks,
             "tasks": [_task_to_json(t) for t in self._tasks.values()],
             "steps": {str(s): ids for s, ids in self._steps.items()},
-            "groups": {str(s): {t: json.loads(g) for t, g in gs.items()} for s, gs in self._groups.items()},
+            "groups": {str(s): {t: base64.b64encode(g).decode("ascii") for t, g in gs.items()}
+                       for s, gs in self._groups.items()},
             "failed": {str(s): {t: json.loads(f) for t, f in fs.items()} for s, fs in self._failed.items()},
             "queue": list(self._queue),
             "counters": {"lease_expiries": self._expiries, "duplicates": self._duplicates},
@@ -301,15 +305,15 @@ class MemoryStore(Store):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             self._restore(data)
-        except (OSError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise SnapshotError(f"store snapshot {path} is unreadable or corrupt: {exc!r}") from exc
 
     def _restore(self, data: dict) -> None:
         """Fill the store from a parsed snapshot, checking that every part fits."""
         if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(f"not an {SNAPSHOT_FORMAT} snapshot")
-        if data.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"snapshot version {data.get('version')!r}, this code reads {SNAPSHOT_VERSION}")
+        if data.get("version") not in (1, SNAPSHOT_VERSION):
+            raise ValueError(f"snapshot version {data.get('version')!r}, this code reads 1 and {SNAPSHOT_VERSION}")
         state = data["state"]
         if state is not None and not isinstance(state, dict):
             raise ValueError("'state' must be an object or null")
@@ -323,7 +327,8 @@ class MemoryStore(Store):
                 raise ValueError(f"task {task.task_id!r} appears twice")
             self._tasks[task.task_id] = task
         self._steps = {int(s): [str(t) for t in ids] for s, ids in data["steps"].items()}
-        self._groups = {int(s): {str(t): json.dumps(g) for t, g in gs.items()} for s, gs in data["groups"].items()}
+        read = _group_v1 if data["version"] == 1 else _group_v2
+        self._groups = {int(s): {str(t): read(g, t) for t, g in gs.items()} for s, gs in data["groups"].items()}
         # Snapshots written before tasks could fail have no "failed" part.
         failed = data.get("failed", {})
         self._failed = {s: {} for s in self._steps} | {
@@ -355,6 +360,19 @@ class MemoryStore(Store):
         pending = {t for t, task in self._tasks.items() if task.status == TaskStatus.PENDING}
         if len(self._queue) != len(set(self._queue)) or set(self._queue) != pending:
             raise ValueError("'queue' must hold each pending task exactly once")
+
+
+def _group_v1(group: object, task_id: str) -> bytes:
+    """A version-1 snapshot's group (a JSON object) as the JSON bytes an older scheduler stored."""
+    if not isinstance(group, dict):
+        raise ValueError(f"group of task {task_id!r} must be an object in a version-1 snapshot")
+    return json.dumps(group).encode()
+
+
+def _group_v2(group: object, task_id: str) -> bytes:
+    if not isinstance(group, str):
+        raise ValueError(f"group of task {task_id!r} must be base64 text, got {type(group).__name__}")
+    return base64.b64decode(group, validate=True)
 
 
 def _int(value: object, where: str) -> int:

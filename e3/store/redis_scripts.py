@@ -135,7 +135,7 @@ redis.call('HSET', prefix .. 'step:' .. step .. ':failed', id, cjson.encode({
 return {'failed', failures, finished(step), planned}
 """
 
-# ARGV: prefix, task id, group JSON, reward count, reward sum.
+# ARGV: prefix, task id, group bytes, reward count, reward sum.
 COMPLETE = """
 local prefix, id = ARGV[1], ARGV[2]
 """ + FINISHED + """

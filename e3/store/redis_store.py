@@ -9,7 +9,7 @@ database:
     P ranks               hash    question id -> rank, repr(float)
     P steps               set     the planned steps
     P step:<n>:tasks      list    step n's task ids in plan order
-    P step:<n>:groups     hash    task id -> finished group, JSON
+    P step:<n>:groups     hash    task id -> finished group, the caller's bytes (binary)
     P step:<n>:failed     hash    task id -> failure record of a failed task, JSON
     P task:<id>           hash    one field per TaskRecord attribute, as text
     P queue               list    task ids waiting for a replica, front first
@@ -20,6 +20,11 @@ Connections: redis:// or rediss:// (TLS) URLs, with the password in the URL
 or passed as an option (the scheduler's `store_password` setting); redis-py
 retries a dropped connection a few times, and what still fails is raised as
 RedisUnavailable so that the scheduler answers "unavailable" and clients retry.
+A command Redis refused without running it (out of memory, READONLY on a
+replica after a failover, BUSY, LOADING) is sent again a few times with
+back-off (e3.retry), then raised as RedisUnavailable too.
+Groups are binary, so they are read on a second connection pool that hands
+back bytes; everything else is text.
 
 Operations that touch several keys and must not interleave (plan_step,
 lease, renew, expire_leases, complete, fail, drop_step) are Lua scripts,
@@ -42,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from e3.core.difficulty import QuestionStats
+from e3.retry import call_with_retry
 from e3.store import redis_scripts as lua
 from e3.store.base import (
     FailOutcome,
@@ -69,19 +75,40 @@ class RedisUnavailable(StoreUnavailable):
 
 # Failures that say "the server is not there right now" (down, restarting,
 # still loading its AOF: BusyLoadingError is a ConnectionError, too slow),
-# as opposed to a bug in a command.
+# as opposed to a bug in a command. redis-py already retried these.
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+# Refusals of a command that did not run, which go away by themselves: out of
+# memory (maxmemory), a read-only replica (during a failover), a script
+# running too long (BUSY), a replica still loading or without its master.
+# A Lua script is refused at its first write, before it changed anything, so
+# every one of these is safe to send again: a few times, briefly, because
+# the caller's own client retries the UNAVAILABLE that follows.
+_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError,
+            redis.exceptions.TryAgainError)
+_REFUSED_PREFIXES = ("BUSY ", "LOADING ", "MASTERDOWN ", "NOREPLICAS ", "TRYAGAIN ")
+REFUSED_ATTEMPTS = 4  # waits of 0.05, 0.1, 0.2 s between them
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(exc, _REFUSED) or (isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSED_PREFIXES))
 
 
 def _translate_errors(method):
-    """Re-raise a transient Redis failure as RedisUnavailable, naming the operation."""
+    """Retry a refused command (_REFUSED) with back-off; re-raise a transient failure, or a
+    refusal that outlasts the retries, as RedisUnavailable naming the operation."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
+            return call_with_retry(lambda: method(self, *args, **kwargs), _refused, REFUSED_ATTEMPTS,
+                                   first_delay_s=0.05, max_delay_s=0.2)
         except _TRANSIENT as exc:
             raise RedisUnavailable(f"Redis at {self.url} failed during {method.__name__}: {exc}") from exc
+        except redis.ResponseError as exc:
+            if not _refused(exc):
+                raise
+            raise RedisUnavailable(f"Redis at {self.url} refused {method.__name__} {REFUSED_ATTEMPTS} times: "
+                                   f"{type(exc).__name__}: {exc}") from exc
 
     return wrapper
 
@@ -116,6 +143,7 @@ class RedisStore(Store):
         try:
             self._r = redis.Redis.from_url(url, decode_responses=True, **options)
             self._r.ping()
+            self._raw = redis.Redis.from_url(url, decode_responses=False, **options)  # groups are binary
         except (redis.RedisError, ValueError, OSError) as exc:
             raise RedisUnavailable(f"cannot use Redis at {self.url}: {exc}") from exc
         self._plan = self._r.register_script(lua.PLAN_STEP)
@@ -211,9 +239,9 @@ class RedisStore(Store):
         # A task completed between the two reads has left the leases: skip it.
         return [t for t in map(_task_or_none, pipe.execute()) if t is not None and t.status == TaskStatus.LEASED]
 
-    def complete(self, task_id: str, group: dict, rewards: Sequence[float]) -> SubmitResult:
-        group_json, count, total = encode_completion(group, rewards)
-        outcome, done, planned = self._complete(args=[self._p, task_id, group_json, count, repr(total)])
+    def complete(self, task_id: str, group: bytes, rewards: Sequence[float]) -> SubmitResult:
+        group_bytes, count, total = encode_completion(group, rewards)
+        outcome, done, planned = self._complete(args=[self._p, task_id, group_bytes, count, repr(total)])
         return SubmitResult(SubmitOutcome(outcome), int(done), int(planned))
 
     def task(self, task_id: str) -> TaskRecord | None:
@@ -228,12 +256,12 @@ class RedisStore(Store):
         done, failed, planned = pipe.execute()
         return int(done) + int(failed), int(planned)
 
-    def step_groups(self, step: int) -> list[dict]:
-        pipe = self._r.pipeline(transaction=True)
+    def step_groups(self, step: int) -> list[bytes]:
+        pipe = self._raw.pipeline(transaction=True)
         pipe.lrange(f"{self._p}step:{int(step)}:tasks", 0, -1)
         pipe.hgetall(f"{self._p}step:{int(step)}:groups")
-        order, groups = pipe.execute()
-        return [json.loads(groups[t]) for t in order if t in groups]
+        order, groups = pipe.execute()  # bytes keys and values
+        return [groups[t] for t in order if t in groups]
 
     def step_failures(self, step: int) -> list[dict]:
         pipe = self._r.pipeline(transaction=True)
@@ -257,6 +285,7 @@ class RedisStore(Store):
 
     def close(self) -> None:
         self._r.close()
+        self._raw.close()
 
 
 for _name in Store.__abstractmethods__:

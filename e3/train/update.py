@@ -21,6 +21,18 @@ Memory: micro-batches hold at most `micro_batch` sequences and at most
 sequence (e3.train.micro_batches), and log-probabilities are computed
 `logit_chunk_tokens` positions at a time (e3.train.logprobs). None leaves
 either unbounded.
+
+Ranks (e3.train.parallel, e3.train.sharding): with a topology of N ranks,
+every rank holds the same batch, and each mini-batch is dealt out by tokens
+(`split_by_tokens`); a rank plans micro-batches of its share only. FSDP
+needs every rank to run the same number of forward and backward passes, so
+a rank with fewer micro-batches runs stand-ins (the batch's shortest
+sample with no loss tokens: zero gradient, same collectives). Each
+micro-batch's loss is weighted by its share of the mini-batch's response
+tokens times N, because FSDP averages the gradients over the ranks: the sum
+is the token-level mean over the whole mini-batch, as with one rank. The
+old log-probabilities each rank computed are summed over the ranks so all
+hold them, and the reported figures are token-weighted sums over all ranks.
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ from e3.core.policy_loss import grpo_loss
 from e3.train.batching import TrainingBatch
 from e3.train.logprobs import sequence_logprobs_and_entropy
 from e3.train.micro_batches import plan_micro_batches
+from e3.train.parallel import Topology, max_over_ranks, split_by_tokens, sum_over_ranks, sum_tensor_over_ranks
+from e3.train.sharding import TokenScorer
 
 
 @dataclass
@@ -53,9 +67,37 @@ class UpdateResult:
 
 
 def _forward(model, micro: TrainingBatch, chunk_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return sequence_logprobs_and_entropy(
-        model, micro.input_ids, micro.attention_mask, micro.temperatures, chunk_tokens=chunk_tokens
+    """(log-probabilities, entropy) of `micro` on the model's device: a TokenScorer or a bare causal LM."""
+    device = _device_of(model)
+    args = (micro.input_ids.to(device), micro.attention_mask.to(device), micro.temperatures.to(device))
+    if isinstance(model, TokenScorer):
+        return model(*args, chunk_tokens=chunk_tokens)
+    return sequence_logprobs_and_entropy(model, *args, chunk_tokens=chunk_tokens)
+
+
+def _device_of(model) -> torch.device:
+    parameter = next(model.parameters())
+    return parameter.to_local().device if hasattr(parameter, "to_local") else parameter.device
+
+
+def _stand_in(batch: TrainingBatch) -> TrainingBatch:
+    """The batch's shortest sample with no loss tokens and advantage 0: a pass that moves nothing."""
+    micro = batch.select(torch.argmin(batch.lengths).view(1))
+    micro.response_mask = torch.zeros_like(micro.response_mask)
+    micro.advantages = torch.zeros_like(micro.advantages)
+    return micro
+
+
+def _micro_plan(batch: TrainingBatch, index: torch.Tensor, micro_batch: int, max_tokens: int | None,
+                topology: Topology | None) -> list[torch.Tensor | None]:
+    """This rank's micro-batches of the samples at `index`, padded with stand-ins (None) to the ranks' longest plan."""
+    if topology is not None and topology.world_size > 1:
+        index = split_by_tokens(batch.lengths, index, topology.world_size)[topology.rank]
+    plan: list[torch.Tensor | None] = (
+        plan_micro_batches(batch.lengths, index, max_sequences=micro_batch, max_tokens=max_tokens) if len(index) else []
     )
+    longest = int(max_over_ranks([float(len(plan))], topology)[0])
+    return plan + [None] * (longest - len(plan))
 
 
 @torch.no_grad()
@@ -66,21 +108,28 @@ def old_logprobs_and_entropy(
     *,
     max_tokens_per_micro_batch: int | None = None,
     logit_chunk_tokens: int | None = None,
+    topology: Topology | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Log-probabilities of the sampled tokens [N, L - 1] and mean response-token entropy, before the update."""
+    """Log-probabilities of the sampled tokens [N, L - 1] and mean response-token entropy, before the update.
+
+    Every rank gets the whole [N, L - 1] tensor (each computes its share; the shares are summed).
+    """
     was_training = model.training
     model.eval()
     logprobs = torch.zeros_like(batch.response_mask)
     entropy_sum, tokens = 0.0, 0.0
     everyone = torch.arange(batch.num_samples)
-    for index in plan_micro_batches(batch.lengths, everyone, max_sequences=micro_batch,
-                                    max_tokens=max_tokens_per_micro_batch):
-        part = batch.select(index)
+    for index in _micro_plan(batch, everyone, micro_batch, max_tokens_per_micro_batch, topology):
+        part = _stand_in(batch) if index is None else batch.select(index)
         part_logprobs, entropy = _forward(model, part, logit_chunk_tokens)
-        logprobs[index, : part_logprobs.shape[1]] = part_logprobs
-        entropy_sum += float((entropy * part.response_mask).sum())
+        if index is None:
+            continue
+        logprobs[index, : part_logprobs.shape[1]] = part_logprobs.cpu()
+        entropy_sum += float((entropy.cpu() * part.response_mask).sum())
         tokens += float(part.response_mask.sum())
     model.train(was_training)
+    sum_tensor_over_ranks(logprobs, topology)
+    entropy_sum, tokens = sum_over_ranks([entropy_sum, tokens], topology)
     return logprobs, entropy_sum / max(tokens, 1.0)
 
 
@@ -100,19 +149,22 @@ def grpo_update(
     max_tokens_per_micro_batch: int | None = None,
     logit_chunk_tokens: int | None = None,
     force_old_pass: bool = False,
+    topology: Topology | None = None,
 ) -> UpdateResult:
-    """The optimizer steps of one training step on `batch`.
+    """The optimizer steps of one training step on `batch`; every rank of `topology` calls it with the same batch.
 
     force_old_pass runs the separate no-grad pass even where the single pass
     suffices (to check the two against each other).
     """
-    sizes = {"max_tokens_per_micro_batch": max_tokens_per_micro_batch, "logit_chunk_tokens": logit_chunk_tokens}
+    sizes = {"max_tokens_per_micro_batch": max_tokens_per_micro_batch, "logit_chunk_tokens": logit_chunk_tokens,
+             "topology": topology}
+    ranks = 1 if topology is None else topology.world_size
     single_pass = mini_batches == 1 and kl_coef == 0 and not force_old_pass
     old = ref = None
+    entropy_sum = entropy_tokens = 0.0
     if single_pass:
         # Filled micro-batch by micro-batch from the gradient pass itself.
         old = torch.zeros_like(batch.response_mask)
-        entropy_sum, entropy_tokens = 0.0, 0.0
     else:
         old, entropy = old_logprobs_and_entropy(model, batch, micro_batch, **sizes)
         if kl_coef > 0:
@@ -123,35 +175,47 @@ def grpo_update(
     # Drawn in both modes, so the generator (checkpointed) advances the same way.
     order = torch.randperm(batch.num_samples, generator=generator)
     parts = [p for p in torch.tensor_split(order, min(mini_batches, batch.num_samples)) if len(p)]
-    losses, clip_fractions, kls, norms = [], [], [], []
+    losses, norms = [], []
+    clip_sum = kl_sum = weight_sum = 0.0  # token-weighted over every micro-batch of every rank
     skipped = False
     steps = 0
     for part_index in parts:
         optimizer.zero_grad(set_to_none=True)
         part_tokens = float(batch.response_mask[part_index].sum().clamp(min=1.0))
         part_loss = 0.0
-        for index in plan_micro_batches(batch.lengths, part_index, max_sequences=micro_batch,
-                                        max_tokens=max_tokens_per_micro_batch):
-            micro = batch.select(index)
+        for index in _micro_plan(batch, part_index, micro_batch, max_tokens_per_micro_batch, topology):
+            micro = _stand_in(batch) if index is None else batch.select(index)
             width = micro.response_mask.shape[1]
             logprobs, token_entropy = _forward(model, micro, logit_chunk_tokens)
-            if single_pass:
-                old[index, :width] = logprobs.detach()
-                entropy_sum += float((token_entropy * micro.response_mask).sum())
-                entropy_tokens += float(micro.response_mask.sum())
+            device = logprobs.device
+            mask = micro.response_mask.to(device)
+            if index is None:
+                old_part = logprobs.detach()
+            elif single_pass:
+                old[index, :width] = logprobs.detach().cpu()
+                entropy_sum += float((token_entropy * mask).sum())
+                entropy_tokens += float(mask.sum())
+                old_part = logprobs.detach()
+            else:
+                old_part = old[index, :width].to(device)
             parts_out = grpo_loss(
-                logprobs, old[index, :width], micro.advantages, micro.response_mask,
+                logprobs, old_part, micro.advantages.to(device), mask,
                 clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef,
-                ref_logprobs=None if ref is None else ref[index, :width],
+                ref_logprobs=None if ref is None else old_part if index is None else ref[index, :width].to(device),
             )
             # masked_mean divides by this micro-batch's tokens; re-weight so the
-            # accumulated gradient is the token-level mean over the whole part.
+            # accumulated gradient is the token-level mean over the whole part
+            # (times the ranks, whose gradients FSDP averages).
             weight = float(micro.response_mask.sum()) / part_tokens
-            (parts_out.loss * weight).backward()
-            part_loss += float(parts_out.loss.detach()) * weight
-            clip_fractions.append(float(parts_out.clip_fraction))
-            kls.append(float(parts_out.approx_kl_old))
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+            (parts_out.loss * (weight * ranks)).backward()
+            if index is not None:
+                part_loss += float(parts_out.loss.detach()) * weight
+                clip_sum += float(parts_out.clip_fraction) * weight
+                kl_sum += float(parts_out.approx_kl_old) * weight
+                weight_sum += weight
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        (part_loss,) = sum_over_ranks([part_loss], topology)  # NaN on any rank is NaN on all
         norms.append(norm)
         losses.append(part_loss)
         if not (math.isfinite(part_loss) and math.isfinite(norm)):
@@ -160,16 +224,19 @@ def grpo_update(
             break  # the rest of the batch would build on a broken state
         optimizer.step()
         steps += 1
+    clip_sum, kl_sum, weight_sum, entropy_sum, entropy_tokens = sum_over_ranks(
+        [clip_sum, kl_sum, weight_sum, entropy_sum, entropy_tokens], topology)
     if single_pass:
         entropy = entropy_sum / max(entropy_tokens, 1.0)
+        sum_tensor_over_ranks(old, topology)
     diff_max, diff_mean = sampler_difference(old, batch)
     return UpdateResult(
         entropy=entropy,
         loss=sum(losses) / len(losses),
         skipped=skipped,
         grad_norm=max(norms),
-        clip_fraction=sum(clip_fractions) / max(len(clip_fractions), 1),
-        approx_kl=sum(kls) / max(len(kls), 1),
+        clip_fraction=clip_sum / weight_sum if weight_sum else 0.0,
+        approx_kl=kl_sum / weight_sum if weight_sum else 0.0,
         optimizer_steps=steps,
         sampler_diff_max=diff_max,
         sampler_diff_mean=diff_mean,

@@ -1,6 +1,6 @@
 """pass@k of model directories on a dataset: sampled by the generation engine, scored by the reward service's verifiers.
 
-    python -m e3 eval --model DIR --dataset arithmetic-valid|PATH [--samples 16] [--k 1,2,4,8,16]
+    e3 eval --model DIR --dataset arithmetic-valid|PATH [--samples 16] [--k 1,2,4,8,16]
 
 One vLLM engine (`services.generation.engine.GenerationEngine`, the code the
 replicas run) serves every model of a call: the first model starts it and

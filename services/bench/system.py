@@ -1,13 +1,18 @@
 """`make bench-system`: how fast the services are, and how much they add over vLLM and the disk.
 
-    python -m services.bench.system [--quick] [--out bench/results] [--only generation,anatomy,weight-sync,scheduler]
+    python -m services.bench.system [--quick] [--out bench/results] [--device cpu|cuda]
+        [--only generation,anatomy,weight-sync,scheduler,trainer] [--note TEXT]
 
-Four measurements, one after another (never side by side: two cores), each
+Five measurements, one after another (never side by side: two cores), each
 described in its module: generation throughput against offline vLLM
 (throughput.py), the default run's step anatomy (anatomy.py), weight sync
 for 1M, 10M and 50M-parameter models against the disk (weight_sync.py),
-and the scheduler's planning and submission rates (scheduler_speed.py).
-Writes system.json and system.md; scratch runs go under --work.
+the scheduler's planning and submission rates (scheduler_speed.py), and the
+trainer's update on 1k-8k-token sequences plus the default run's training
+phase with one forward pass against two (trainer_speed.py; --device cuda
+runs it on the GPU). The first four write system.json and system.md, the
+trainer trainer.json and trainer.md, so `--only trainer` leaves the system
+results as they are; scratch runs go under --work.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from e3.bench.system_report import system_markdown
 from services.bench.common import provenance, write_json, write_text
 
 console = Console(stderr=True)
-SECTIONS = ("generation", "anatomy", "weight-sync", "scheduler")
+SECTIONS = ("generation", "anatomy", "weight-sync", "scheduler", "trainer")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     parser.add_argument("--replicas", type=int, help="generation replicas for the weight-sync measurement (default 1)")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--device", default="cpu", help="where the trainer section runs: cpu or cuda[:N]")
+    parser.add_argument("--note", help="a sentence printed under the results' header (e.g. what else used the machine)")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     if not only or any(s not in SECTIONS for s in only):
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from e3.model.base import ensure_base_model
 
     results: dict = provenance("services.bench.system") | {"benchmark": "system"}
+    if args.note:
+        results["note"] = args.note
     began = time.monotonic()
     base_model = ensure_base_model(args.artifacts).resolve()
     if "generation" in only:
@@ -93,11 +102,29 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold]scheduler[/bold] over {size.tracked:,} questions")
         results["scheduler"] = measure_scheduler(size.tracked, list(size.plan_batches), size.submit_batch,
                                                  size.submit_steps, size.min_seconds, size.min_repeats)
-    results["wall_s"] = {"total": round(time.monotonic() - began, 1)}
-    write_json(out / "system.json", results)
-    write_text(out / "system.md", system_markdown(results))
-    console.print(f"[bold]system benchmark done[/bold] in {results['wall_s']['total'] / 60:.1f} min: "
-                  f"{out / 'system.md'}, {out / 'system.json'}")
+    written = []
+    if any(s != "trainer" for s in only):
+        results["wall_s"] = {"total": round(time.monotonic() - began, 1)}
+        write_json(out / "system.json", results)
+        write_text(out / "system.md", system_markdown(results))
+        written += [out / "system.md", out / "system.json"]
+    if "trainer" in only:
+        from e3.bench.trainer_report import trainer_markdown
+        from services.bench import trainer_speed
+
+        trainer_size = trainer_speed.QUICK if args.quick else trainer_speed.TrainerSize()
+        console.print(f"[bold]trainer[/bold]: grpo_update at {', '.join(map(str, trainer_size.lengths))} "
+                      "tokens per sequence, and the default run's training phase")
+        started = time.monotonic()
+        trainer = {k: v for k, v in results.items() if k not in ("generation", "anatomy", "weight_sync", "scheduler")}
+        trainer |= {"benchmark": "trainer", "trainer": trainer_speed.measure_trainer(
+            trainer_size, args.device, args.artifacts, isolate=not args.quick)}
+        trainer["wall_s"] = {"total": round(time.monotonic() - started, 1)}
+        write_json(out / "trainer.json", trainer)
+        write_text(out / "trainer.md", trainer_markdown(trainer))
+        written += [out / "trainer.md", out / "trainer.json"]
+    console.print(f"[bold]system benchmark done[/bold] in {(time.monotonic() - began) / 60:.1f} min: "
+                  + ", ".join(map(str, written)))
     return 0
 
 

@@ -46,7 +46,8 @@ def _service_steps(config, run_dir: Path, steps: int) -> tuple[list[dict], list[
     from services.launcher import start_stack
 
     running = start_stack(config, run_dir, trainer=False)
-    trainer = NullTrainer(f"{running.config.scheduler.host}:{running.config.scheduler.grpc_port}")
+    trainer = NullTrainer(f"{running.config.scheduler.host}:{running.config.scheduler.grpc_port}",
+                          running.config.auth.trainer_token)
     timed, prompts = [], []
     try:
         trainer.wait_batch(0, timeout_s=600)  # includes the replica's engine start

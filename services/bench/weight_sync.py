@@ -98,7 +98,8 @@ def measure_size(name: str, spec: ModelSpec, work_dir: Path, syncs: int, replica
     )
     run_dir = work_dir / f"stack-{name}"
     running = start_stack(config, run_dir, trainer=False)
-    trainer = NullTrainer(f"{running.config.scheduler.host}:{running.config.scheduler.grpc_port}")
+    trainer = NullTrainer(f"{running.config.scheduler.host}:{running.config.scheduler.grpc_port}",
+                          running.config.auth.trainer_token)
     urls = [running.url("generation", i) for i in range(replicas)]
     try:
         trainer.wait_batch(0)  # the replicas are up and have sampled once

@@ -47,13 +47,14 @@ def model_vocab_size(model_dir: str | Path) -> int:
         raise ValueError(f"cannot read vocab_size from {path}: {exc}") from exc
 
 
-def serve_http(app, host: str, port: int, log_level: str = "warning") -> None:
+def serve_http(app, host: str, port: int, log_level: str = "warning", **uvicorn_options) -> None:
     """Run a FastAPI app with uvicorn until SIGTERM/SIGINT, then return normally.
 
     uvicorn shuts down gracefully on those signals, restores the previous
     handlers and raises the signal again; with Python's default handlers that
     kills the process before the caller's clean-up (stopping gRPC, writing the
     store snapshot) can run. Handlers that only log make the re-raise harmless.
+    `uvicorn_options` add e.g. TLS (services.common.tls.uvicorn_options).
     """
     import uvicorn
 
@@ -62,4 +63,4 @@ def serve_http(app, host: str, port: int, log_level: str = "warning") -> None:
 
     signal.signal(signal.SIGTERM, note)
     signal.signal(signal.SIGINT, note)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options)

@@ -6,9 +6,12 @@
 
 Unset flags fall back to the config (scheduler.host/grpc_port, reward.host/port,
 generation.http_port, generation.max_tasks_per_lease, base_model). The bearer
-token comes only from the config (E3_API_TOKEN), never a flag, so it does not
-show up in process listings. SIGTERM or SIGINT: stop leasing, submit the
-groups in flight, exit 0.
+token comes only from the config (auth.generation_token, E3_GENERATION_TOKEN),
+never a flag, so it does not show up in process listings; without one it exits
+2 at once, unless auth.insecure_loopback is set and the scheduler, the reward
+service and --host are all loopback. With tls.ca_file it calls the scheduler
+and the reward service over TLS (services.common.tls). SIGTERM or SIGINT: stop
+leasing, submit the groups in flight, exit 0.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import argparse
 import os
 import asyncio
 import signal
+import sys
 import zlib
 
-import grpc
 import httpx
 
-from e3.config import E3Config, load_config
+from e3.config import ConfigError, E3Config, load_config
 from e3.contracts import e3_pb2_grpc as pb_grpc
+from services.common.auth import SERVICE_ROLES, require_tokens
 from services.common.runtime import setup_logging
+from services.common.tls import grpc_channel, httpx_verify
 from services.generation.engine import EngineSettings, GenerationEngine
 from services.common.http_thread import HttpServerThread
 from services.generation.http_api import create_app
@@ -66,16 +71,16 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
         state.model_loaded, state.loaded_version = True, engine.loaded_version
         metrics.versions(engine.loaded_version, None)
         log.info("%s: engine started in %.1fs, warmed up in %.1fs", args.replica_id, start_s, warm_s)
-        channel = grpc.aio.insecure_channel(
-            args.scheduler,
+        channel = grpc_channel(
+            args.scheduler, config.tls, aio=True,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
         settings = WorkerSettings(
-            replica_id=args.replica_id, max_tasks=args.max_tasks, reward_url=args.reward_url, token=config.api_token,
+            replica_id=args.replica_id, max_tasks=args.max_tasks, reward_url=args.reward_url, token=config.auth.generation_token,
             leases_in_flight=gen.leases_in_flight, lease_wait_s=gen.lease_wait_s,
             sampling_delay_s=config.fault.sampling_delay_s,
         )
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(verify=httpx_verify(config.tls)) as http:
             replica = Replica(engine, pb_grpc.SchedulerStub(channel), http, settings, metrics, state)
             return await replica.run(stop)
     finally:
@@ -101,16 +106,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     log = setup_logging(f"generation[{args.replica_id}]", args.log_level.upper())
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
     args.model_dir = args.model_dir or config.base_model
     if not args.model_dir:
         parser.error("--model-dir is required when the config names no base_model")
     args.scheduler = args.scheduler or f"{config.scheduler.host}:{config.scheduler.grpc_port}"
-    args.reward_url = args.reward_url or f"http://{config.reward.host}:{config.reward.port}"
+    # With a CA bundle the servers this replica calls speak TLS (services.common.tls).
+    args.reward_url = args.reward_url or f"{'https' if config.tls.ca_file else 'http'}://{config.reward.host}:{config.reward.port}"
     args.http_port = config.generation.http_port if args.http_port is None else args.http_port
     args.max_tasks = args.max_tasks or config.generation.max_tasks_per_lease
     if args.max_tasks < 1:
         parser.error(f"--max-tasks must be >= 1, got {args.max_tasks}")
+    try:
+        require_tokens(config.auth, SERVICE_ROLES["generation"], f"generation replica {args.replica_id}",
+                       [args.host, args.scheduler, args.reward_url])
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
     outcome = asyncio.run(serve(config, args, log))
     log.info("%s: exiting (%s)", args.replica_id, outcome)
 

@@ -9,18 +9,26 @@ GET  /readyz     the worker pool is up (503 until then)
 GET  /metrics    Prometheus text
 
 Verification is blocking (a pipe round trip to a worker process), so each
-item runs on a thread of an executor sized to the worker count; the event
-loop only awaits. Items of one batch run concurrently across the workers.
+item runs on one of as many threads as there are workers; the event loop
+only awaits. Items of one batch run concurrently across the workers, and
+the threads take items in turn from each client (the peer address) and each
+request (services.reward.fair), so a small request never waits behind a
+whole slow batch of another client.
+
+Before FastAPI reads a /v1/score body, services.reward.body_limit checks the
+token (401) and the body's size (413 over `max_body_bytes`, with or without
+a Content-Length).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -30,6 +38,8 @@ from e3.tasks.question import PYTHON_VERIFIER, check_verifier
 from e3.verify import Verdict, VerifierPool
 from services.common.auth import http_bearer
 from services.common.http_guard import reject_unknown_query
+from services.reward.body_limit import BodyLimit
+from services.reward.fair import FairExecutor
 from services.reward.metrics import RewardMetrics
 from services.reward.settings import RewardSettings
 
@@ -73,7 +83,8 @@ class _Service:
     def __init__(self, settings: RewardSettings) -> None:
         self.settings = settings
         self.pool: VerifierPool | None = None
-        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="e3-verify")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e3-reward-start")  # starts the pool
+        self.scoring = FairExecutor(settings.workers, name="e3-verify")
         self.metrics = RewardMetrics(CollectorRegistry())
 
     def start_pool(self) -> None:
@@ -90,6 +101,7 @@ class _Service:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.scoring.shutdown()
         if self.pool is not None:
             self.pool.close()
 
@@ -115,9 +127,9 @@ def create_app(settings: RewardSettings) -> FastAPI:
     @app.post(
         "/v1/score", response_model=ScoreResponse, dependencies=[Depends(http_bearer(settings.api_token))],
         responses={400: {"description": "the body is not JSON"}, 401: {"description": "missing or wrong bearer token"},
-                   503: {"description": "workers still starting"}},
+                   413: {"description": "the body is over max_body_bytes"}, 503: {"description": "workers still starting"}},
     )
-    async def score(request: ScoreRequest) -> ScoreResponse:
+    async def score(request: ScoreRequest, http: Request) -> ScoreResponse:
         if len(request.items) > settings.max_batch:
             raise RequestValidationError(
                 [
@@ -131,10 +143,9 @@ def create_app(settings: RewardSettings) -> FastAPI:
             )
         if service.pool is None:
             raise HTTPException(503, "verifier workers are still starting", headers={"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        verdicts = await asyncio.gather(
-            *(loop.run_in_executor(service.executor, service.score_one, item) for item in request.items)
-        )
+        client = http.client.host if http.client else "unknown"
+        calls = [functools.partial(service.score_one, item) for item in request.items]
+        verdicts = await asyncio.gather(*map(asyncio.wrap_future, service.scoring.submit_all(client, calls)))
         return ScoreResponse(
             verdicts=[VerdictOut(reward=v.reward, reason=v.reason, elapsed_s=v.elapsed_s) for v in verdicts]
         )
@@ -156,6 +167,8 @@ def create_app(settings: RewardSettings) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Outermost, so that it runs before FastAPI reads the body.
+    app.add_middleware(BodyLimit, token=settings.api_token, max_body_bytes=settings.max_body_bytes)
     return app
 
 

@@ -3,8 +3,11 @@
     python -m services.scheduler --config run.yaml [--http-port N] [--grpc-port N]
 
 A configuration, data set or store that cannot be used stops it at once
-with one line naming the culprit (exit code 2), not a traceback.
-SIGTERM: stop taking calls, give in-flight ones 5 s, close the store, exit 0.
+with one line naming the culprit (exit code 2), not a traceback; so does a
+missing auth.generation_token, auth.trainer_token or auth.operator_token,
+unless auth.insecure_loopback is set and it binds loopback only.
+SIGTERM: stop taking calls, end waiting lease and batch calls (they answer
+UNAVAILABLE, clients ask again), give in-flight ones 5 s, close the store, exit 0.
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ from e3.config import ConfigError, load_config
 from e3.store import SnapshotError, StoreUnavailable, open_store
 from e3.tasks.question import DatasetError
 from e3.tasks.datasets import load_split
+from services.common.auth import SERVICE_ROLES, RoleTokens, require_tokens
 from services.common.runtime import model_vocab_size, serve_http, setup_logging
+from services.common.tls import uvicorn_options
 from services.scheduler.engine import SchedulerEngine
 from services.scheduler.grpc_api import start_grpc_server
 from services.scheduler.http_api import create_app
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.prompt_limits import PromptTooLong, check_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         serve(argv)
-    except (ConfigError, DatasetError, SnapshotError, StoreUnavailable) as exc:
+    except (ConfigError, DatasetError, PromptTooLong, SnapshotError, StoreUnavailable) as exc:
         setup_logging("scheduler").error("cannot start: %s", exc)
         sys.exit(2)
 
@@ -44,6 +50,8 @@ def serve(argv: list[str] | None = None) -> None:
     log = setup_logging("scheduler")
     config = load_config(args.config)
     sc = config.scheduler
+    require_tokens(config.auth, SERVICE_ROLES["scheduler"], "scheduler", [sc.host])
+    tokens = RoleTokens.from_config(config.auth)
     http_port = sc.http_port if args.http_port is None else args.http_port
     grpc_port = sc.grpc_port if args.grpc_port is None else args.grpc_port
     if args.vocab_size is None and not config.base_model:
@@ -53,18 +61,18 @@ def serve(argv: list[str] | None = None) -> None:
     train = load_split(config.data, "train", base_dir=Path.cwd())
     # Validation tasks are sampled by the replicas (services.scheduler.validation).
     valid = load_split(config.data, "valid", base_dir=Path.cwd()) if config.validation_questions != 0 else []
+    check_dataset(config, {"train": train, "valid": valid[: config.validation_questions]})  # before anything is planned
     store = open_store(sc.store_url, namespace=sc.run_id, **sc.store_options())
     metrics = SchedulerMetrics()
     engine = SchedulerEngine(config, train, store, vocab_size, initial_weights_path=config.base_model or "", observer=metrics,
                              valid=valid)
     metrics.bind(engine)
-    server, bound = start_grpc_server(engine, sc.host, grpc_port, config.api_token)
+    stop = threading.Event()  # set on shutdown: the sweeper ends, waiting StreamBatch calls return
+    server, bound = start_grpc_server(engine, sc.host, grpc_port, tokens, stopping=stop, tls=config.tls)
     view = engine.snapshot()
     log.info("gRPC on %s:%d, store %s, %d training questions; at step %d, T %.6g, policy v%d, %d queued, %d leased",
              sc.host, bound, sc.store_url.split("@")[-1], len(train), view["step"], view["temperature"],
              view["policy_version"], view["queue_depth"], view["leased_tasks"])
-
-    stop = threading.Event()
 
     def expire_loop() -> None:
         # Leases also expire lazily on every lease call; this keeps the queue
@@ -76,9 +84,9 @@ def serve(argv: list[str] | None = None) -> None:
                 log.exception("lease sweep failed")
 
     threading.Thread(target=expire_loop, name="lease-sweeper", daemon=True).start()
-    app = create_app(engine, metrics, token=config.api_token, read_open=config.api_read_open)
+    app = create_app(engine, metrics, tokens=tokens, read_open=config.api_read_open)
     try:
-        serve_http(app, sc.host, http_port)
+        serve_http(app, sc.host, http_port, **uvicorn_options(config.tls))
     finally:
         stop.set()
         engine.close()

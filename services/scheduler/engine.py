@@ -28,10 +28,14 @@ from e3.core.temperature import TemperatureConfig, TemperatureState, initial_sta
 from e3.store.base import FailOutcome, FailResult, RenewResult, Store, StepAlreadyPlanned, StoreUnavailable, SubmitOutcome, TaskRecord
 from e3.tasks.question import Question
 from services.scheduler.messages import (  # noqa: F401 - re-exported: the engine's API
-    LeasedTask, LeaseResult, SchedulerError, StepReport, SubmittedSample, Submission, sample_to_dict,
+    LeasedTask, LeaseResult, SchedulerError, StepReport, SubmittedSample, Submission,
 )
-from services.scheduler import validation
-from services.scheduler.failures import TaskFailureReport, absorb_step_failures, check_failure, failed_tasks_view
+from services.scheduler import stored_groups, validation
+from services.scheduler.prompt_limits import context_length
+from services.scheduler.submission import ModelLimits, PromptBook, Rejected, admit
+from services.scheduler.failures import (
+    MAX_DETAIL_CHARS, REJECTED_REASON, TaskFailureReport, absorb_step_failures, check_failure, failed_tasks_view,
+)
 from services.scheduler.work_signal import WorkSignal
 
 log = logging.getLogger("scheduler")
@@ -89,6 +93,9 @@ class SchedulerEngine:
         self._lock = threading.RLock()
         self._step_complete = threading.Condition(self._lock)
         self._work = WorkSignal(MAX_LEASE_WAITERS)
+        # What a submitted sample may hold (services.scheduler.submission).
+        self.limits = ModelLimits(vocab_size, config.training.max_tokens, context_length(config))
+        self.prompts = PromptBook()
         # The ranks change only when the report of an epoch's last step saves
         # them; reading all of them from the store for every plan would cost a
         # full hash read (100k questions: ~0.3 s on Redis) per step.
@@ -305,6 +312,9 @@ class SchedulerEngine:
     def report_failure(self, failure: TaskFailureReport) -> FailResult:
         """Count a replica's failure to produce a task's group (services.scheduler.failures)."""
         check_failure(failure)
+        return self._count_failure(failure)
+
+    def _count_failure(self, failure: TaskFailureReport) -> FailResult:
         result = self.store.fail(failure.task_id, failure.lease_id, failure.replica_id, failure.reason,
                                  failure.detail, self.config.scheduler.max_task_failures)
         if result.outcome == FailOutcome.UNKNOWN:
@@ -333,52 +343,24 @@ class SchedulerEngine:
         if task is None:
             self._rejected("unknown_task")
             raise SchedulerError("not_found", f"task_id {submission.task_id!r} is unknown")
-        if submission.policy_version != task.policy_version:
-            self._rejected("stale_policy")
-            raise SchedulerError(
-                "failed_precondition",
-                f"task {task.task_id} must be sampled with policy version {task.policy_version}, "
-                f"got {submission.policy_version}",
-            )
-        if not math.isclose(submission.temperature, task.temperature, rel_tol=1e-9, abs_tol=1e-12):
-            self._rejected("wrong_temperature")
-            raise SchedulerError(
-                "invalid_argument",
-                f"task {task.task_id} was planned at temperature {task.temperature!r}, got {submission.temperature!r}",
-            )
-        if len(submission.samples) != task.num_samples:
-            self._rejected("wrong_sample_count")
-            raise SchedulerError(
-                "invalid_argument",
-                f"task {task.task_id} needs {task.num_samples} samples, got {len(submission.samples)}",
-            )
-        for i, sample in enumerate(submission.samples):
-            if not sample.response_token_ids:
-                self._rejected("empty_sample")
-                raise SchedulerError("invalid_argument", f"samples[{i}].response_token_ids is empty")
-            if len(sample.response_logprobs) not in (0, len(sample.response_token_ids)):
-                self._rejected("bad_logprobs")
-                raise SchedulerError(
-                    "invalid_argument", f"samples[{i}].response_logprobs must match response_token_ids in length"
-                )
-            if not (math.isfinite(sample.reward) and 0.0 <= sample.reward <= 1.0):
-                self._rejected("bad_reward")
-                raise SchedulerError("invalid_argument", f"samples[{i}].reward must be in [0, 1], got {sample.reward}")
-        group = {
-            "task_id": task.task_id,
-            "question_id": task.question_id,
-            "level": self.question_of(task).level or 0,
-            "temperature": task.temperature,
-            "policy_version": task.policy_version,
-            "replica_id": submission.replica_id,
-            "samples": [sample_to_dict(s) for s in submission.samples],
-        }
+        try:
+            prompt = admit(task, submission, self.limits, self.prompts, validation.split_of(task.task_id) == "val")
+        except Rejected as exc:
+            self._rejected(exc.reason)
+            if exc.counts:  # the lease holder's group is refused: the task goes back, or to the failed list
+                self._count_failure(TaskFailureReport(task.task_id, submission.lease_id, submission.replica_id,
+                                                      REJECTED_REASON, f"{exc.reason}: {exc}"[:MAX_DETAIL_CHARS]))
+            raise
+        group = stored_groups.encode(task.task_id, task.question_id, self.question_of(task).level or 0,
+                                     task.temperature, task.policy_version, submission)
         rewards = [s.reward for s in submission.samples]
         # Validation rewards measure the policy; they must not move a question's difficulty.
         counted = [] if validation.split_of(task.task_id) else rewards
         result = self.store.complete(task.task_id, group, counted)
         if result.outcome == SubmitOutcome.ACCEPTED:
             self._note_lease_seconds(task.step, submission)
+            if prompt is not None:
+                self.prompts.learn(*prompt)
         if self.observer:
             self.observer.on_submit(result.outcome, rewards, sum(len(s.response_token_ids) for s in submission.samples),
                                     validation=validation.split_of(task.task_id) is not None)
@@ -438,7 +420,7 @@ class SchedulerEngine:
                 # Submissions notify; the timeout also covers groups completed by another scheduler process.
                 self._step_complete.wait(min(remaining, 0.5))
             record = self.allocation(step) or {}
-            groups = self.store.step_groups(step)
+            groups = stored_groups.decode_all(self.store.step_groups(step))
             return {
                 "step": step,
                 "policy_version": record.get("policy_version", self.state["policy_version"]),
@@ -477,7 +459,7 @@ class SchedulerEngine:
             if step >= self.config.training.steps:
                 return self._finish_validation(step, report)
 
-            all_groups = self.store.step_groups(step)
+            all_groups = stored_groups.decode_all(self.store.step_groups(step))
             groups = [g for g in all_groups if validation.split_of(g["task_id"]) is None]
             measured = validation.summarize(all_groups)
             outcomes = [group_outcome([s["reward"] for s in g["samples"]]).value for g in groups]
@@ -541,7 +523,7 @@ class SchedulerEngine:
         if report.new_policy_version != self.state["policy_version"] or not report.skipped:
             raise SchedulerError("invalid_argument", f"step {step} validates the final policy only; report it "
                                  f"skipped with new_policy_version {self.state['policy_version']}")
-        measured = validation.summarize(self.store.step_groups(step))
+        measured = validation.summarize(stored_groups.decode_all(self.store.step_groups(step)))
         new = copy.deepcopy(self.state)
         new["final_validation"] = {"step": step, "policy_version": new["policy_version"]} | measured
         if measured:

@@ -18,6 +18,8 @@ from services.scheduler.messages import SchedulerError
 
 # The codes a replica may report; a fixed set, so that the Prometheus label stays small.
 REASONS = ("prompt_too_long", "engine_error", "reward_error")
+# The reason the scheduler records when it refuses the lease holder's group (services.scheduler.submission).
+REJECTED_REASON = "rejected_group"
 MAX_DETAIL_CHARS = 2000
 MAX_ID_CHARS = 256
 FAILED_HISTORY = 256  # failed tasks of trained steps kept in the state document

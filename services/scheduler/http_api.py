@@ -1,9 +1,10 @@
 """The scheduler's HTTP face: state, statistics, allocations, leases, failed tasks; one admin action.
 
-Access, with a token configured (E3_API_TOKEN): the mutating endpoint
-(POST /v1/replicas/{id}/release) always needs `Authorization: Bearer
-<token>`; the /v1 reads need it unless `api_read_open` is true (the
-default); /healthz, /readyz and /metrics stay open for probes and Prometheus.
+Access (services.common.auth): the mutating endpoint (POST
+/v1/replicas/{id}/release) needs `Authorization: Bearer <operator token>`
+(E3_OPERATOR_TOKEN); the /v1 reads need it too unless `api_read_open` is
+true (the default); a generation or trainer token there is 403. /healthz,
+/readyz and /metrics stay open for probes and Prometheus.
 A store that cannot be reached answers 503 with Retry-After.
 """
 
@@ -17,13 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from e3.store import StoreUnavailable
-from services.common.auth import http_bearer
+from services.common.auth import RoleTokens, http_role
 from services.common.http_guard import reject_unknown_query
 from services.scheduler.engine import SchedulerEngine
 from services.scheduler.metrics import SchedulerMetrics
 
 NOT_FOUND = {404: {"description": "no such question or step"}}
-REFUSED = {401: {"description": "missing or wrong bearer token"}}
+REFUSED = {401: {"description": "missing or unknown bearer token"},
+           403: {"description": "a token of another role than operator"}}
 UNAVAILABLE = {503: {"description": "the store cannot be reached; retry"}}
 
 
@@ -104,7 +106,7 @@ class Released(BaseModel):
 
 def create_app(
     engine: SchedulerEngine, metrics: SchedulerMetrics, ready=lambda: True,
-    token: str | None = None, read_open: bool = True,
+    tokens: RoleTokens = RoleTokens(), read_open: bool = True,
 ) -> FastAPI:
     app = FastAPI(
         title="e3 scheduler",
@@ -113,7 +115,7 @@ def create_app(
         responses=UNAVAILABLE,
         dependencies=[Depends(reject_unknown_query)],
     )
-    writer = [Depends(http_bearer(token))]
+    writer = [Depends(http_role(tokens, "operator"))]
     reader = [] if read_open else writer
 
     @app.exception_handler(StoreUnavailable)

@@ -68,14 +68,3 @@ class StepReport:
     skipped: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
 
-
-def sample_to_dict(sample: SubmittedSample) -> dict:
-    return {
-        "prompt_token_ids": list(sample.prompt_token_ids),
-        "response_token_ids": list(sample.response_token_ids),
-        "response_logprobs": [float(x) for x in sample.response_logprobs],
-        "text": sample.text,
-        "reward": float(sample.reward),
-        "reward_reason": sample.reward_reason,
-        "finish_reason": sample.finish_reason,
-    }

@@ -39,6 +39,8 @@ class SchedulerMetrics:
         self.leased = Gauge(m.LEASED_TASKS, "Rollout tasks leased and not yet submitted", registry=r)
         self.expiries = Counter(m.LEASE_EXPIRIES_TOTAL, "Leases that expired and went back to the queue", registry=r)
         self.submissions = Counter(m.SUBMISSIONS_TOTAL, "Group submissions by result", ["result"], registry=r)
+        self.rejections = Counter(m.SUBMISSIONS_REJECTED_TOTAL, "Group submissions refused, by the check that failed",
+                                  ["reason"], registry=r)
         self.renewals = Counter(m.LEASE_RENEWALS_TOTAL, "Leases a replica asked to renew, by result", ["result"], registry=r)
         self.failure_reports = Counter(m.TASK_FAILURE_REPORTS_TOTAL, "Task failures replicas reported, by reason and outcome",
                                        ["reason", "outcome"], registry=r)
@@ -70,6 +72,7 @@ class SchedulerMetrics:
 
     def on_rejected(self, reason: str) -> None:
         self.submissions.labels("rejected").inc()
+        self.rejections.labels(reason).inc()
 
     def on_lease_expiries(self, count: int) -> None:
         self.expiries.inc(count)

@@ -10,7 +10,7 @@ from services.trainer.metrics import TrainerMetrics
 
 
 def create_app(metrics: TrainerMetrics, status: dict) -> FastAPI:
-    """`status` is updated by the loop: {"ready": bool, "step": int, "policy_version": int}."""
+    """`status` is updated by the loop: {"ready", "step", "policy_version", "world_size" (ranks), "device"}."""
     app = FastAPI(title="e3 trainer")
 
     @app.get("/healthz")

@@ -14,6 +14,14 @@ no new policy), logged, counted in e3_trainer_skipped_steps_total and
 reported to the scheduler as skipped; training.max_bad_steps in a row stop
 the run. `fault.nan_steps` injects such steps for the fault tests.
 
+Ranks (docs/training.md): the trainer is a torch.distributed job of one
+rank or of N (torchrun), the policy sharded over them with FSDP2
+(e3.train.sharding). Rank 0 alone talks to the scheduler, writes
+metrics.jsonl and serves HTTP; it hands every step's batch to the other
+ranks (an "order" over the control group, e3.train.parallel), and all ranks
+then train it together, gather the new policy for rank 0 to publish, and
+write their shards of the checkpoint.
+
 Validation is not run here: the replicas sample it with each step's policy
 (services.scheduler.validation) and its pass@1 arrives with the batch; the
 trainer writes it to metrics.jsonl (phase "baseline" for the base policy,
@@ -30,32 +38,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import torch
 
 from e3.config import E3Config
 from e3.contracts import e3_pb2 as pb
-from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.model.loading import load_causal_lm, load_tokenizer
 from e3.train.batching import build_batch
+from e3.train.parallel import broadcast_from_main, start_ranks
+from e3.train.sharding import DTYPES, full_state_dict, shard_policy
 from e3.train.update import grpo_update
-from services.common.auth import call_metadata
-from services.trainer.empty_step import empty_step, failed_task_dict
-from services.trainer.publish import (
-    discard_unreported_versions,
-    load_generator_state,
-    latest_checkpoint,
-    load_optimizer_state,
-    publish_policy,
-    save_checkpoint,
-    version_dir,
-)
+from services.trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from services.trainer.empty_step import empty_step
+from services.trainer.publish import declared_dtype, discard_unreported_versions, publish_state, version_dir
+from services.trainer.scheduler_client import FINISHED, SchedulerClient, TrainingStopped
 
 log = logging.getLogger("trainer")
 
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+__all__ = ["Trainer", "TrainingStopped"]
 
 
 @dataclass
@@ -93,104 +92,46 @@ class Trainer:
                  metrics=None, trainer_id: str = "trainer-0", status: dict | None = None) -> None:
         self.config = config
         self.base_model = base_model
-        self.metrics = metrics
         self.trainer_id = trainer_id
         self.paths = TrainerPaths(Path(config.run_dir))
-        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(config.trainer.threads)
+        c = config.trainer
+        self.topology = start_ranks(c.device, c.control_timeout_s)
+        self.main = self.topology.is_main
+        self.metrics = metrics if self.main else None
+        if self.main:
+            self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(c.threads)
         torch.manual_seed(config.training.seed)
         self.generator = torch.Generator().manual_seed(config.training.seed)
         self.tokenizer = load_tokenizer(base_model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.publish_dtype = declared_dtype(base_model)
         self.progress = Progress()
-        checkpoint = latest_checkpoint(self.paths.checkpoints)
-        source = checkpoint / "model" if checkpoint else base_model
-        # The model's own architecture (a Qwen2 keeps its biases), from safetensors only, checked first.
-        self.model = load_causal_lm(source, torch.float32)
-        self.model.train()
         t = config.training
+        shard = {"compute_dtype": DTYPES[c.dtype], "device": self.topology.device}
+        # The model's own architecture (a Qwen2 keeps its biases), from safetensors only, checked first;
+        # float32 master weights, sharded, whatever the compute dtype.
+        lm = load_causal_lm(base_model, torch.float32)
+        self.model_config = lm.config
+        self.model = shard_policy(lm, gradient_checkpointing=c.gradient_checkpointing, **shard)
+        self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         self.ref_model = None
         if t.kl_coef > 0:
-            self.ref_model = load_causal_lm(base_model, torch.float32).eval()
+            self.ref_model = shard_policy(load_causal_lm(base_model, torch.float32).requires_grad_(False), **shard).eval()
+        checkpoint = latest_checkpoint(self.paths.checkpoints)
         if checkpoint:
-            self.optimizer.load_state_dict(load_optimizer_state(checkpoint))
-            self.progress = Progress(**json.loads((checkpoint / "progress.json").read_text()))
-            generator_state = load_generator_state(checkpoint)
-            if generator_state is not None:
-                self.generator.set_state(generator_state)
-            log.info("resumed from %s at step %d (policy v%d)", checkpoint, self.progress.next_step, self.progress.policy_version)
-        for path in discard_unreported_versions(self.paths.weights, self.progress.policy_version):
-            log.warning("discarded %s: published after the last checkpoint and never reported", path)
-        self.channel = grpc.insecure_channel(
-            scheduler_address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
-        self.stub = pb_grpc.SchedulerStub(self.channel)
-        self.call_metadata = call_metadata(config.api_token)
+            self.progress = Progress(**load_checkpoint(checkpoint, self.model, self.optimizer, self.generator))
+            log.info("resumed from %s at step %d (policy v%d) on %d rank(s)", checkpoint, self.progress.next_step,
+                     self.progress.policy_version, self.topology.world_size)
+        self.scheduler = None
+        if self.main:
+            for path in discard_unreported_versions(self.paths.weights, self.progress.policy_version):
+                log.warning("discarded %s: published after the last checkpoint and never reported", path)
+            self.scheduler = SchedulerClient(scheduler_address, config.auth, trainer_id, config.tls)
         self.status = status if status is not None else {}
-        self.status.update(ready=True, step=self.progress.next_step, policy_version=self.progress.policy_version)
-
-    # ---- talking to the scheduler -----------------------------------------
-
-    def pull_batch(self, step: int, stop) -> dict | None:
-        """The step's groups, waiting for generation to finish them."""
-        while not stop.is_set():
-            request = pb.BatchRequest(trainer_id=self.trainer_id, step=step, wait_s=5.0, max_groups_per_chunk=64)
-            try:
-                groups, header, first_chunk_at, validation = [], None, None, {}
-                for chunk in self.stub.StreamBatch(request, metadata=self.call_metadata, timeout=60):
-                    # The scheduler streams only once the step is complete, so
-                    # from the first chunk on the wait is pure transfer.
-                    if first_chunk_at is None:
-                        first_chunk_at = time.perf_counter()
-                        validation = dict(chunk.validation)  # sent with the first chunk only
-                    header = chunk
-                    groups.extend(
-                        {
-                            "question_id": g.question_id, "temperature": g.temperature, "level": g.level,
-                            "policy_version": g.policy_version, "replica_id": g.replica_id,
-                            "samples": [
-                                {"prompt_token_ids": list(s.prompt_token_ids), "response_token_ids": list(s.response_token_ids),
-                                 "reward": s.reward, "finish_reason": s.finish_reason,
-                                 "response_logprobs": list(s.response_logprobs)}
-                                for s in g.samples
-                            ],
-                        }
-                        for g in chunk.groups
-                    )
-                if header is None or len(groups) != header.total_groups:
-                    raise RuntimeError(f"step {step}: stream ended with {len(groups)} groups of {header and header.total_groups}")
-                return {"step": header.step, "temperature": header.temperature, "policy_version": header.policy_version,
-                        "groups": groups, "validation": validation, "transfer_s": time.perf_counter() - first_chunk_at,
-                        # Sent with the last chunk: the step's tasks marked failed, with no group.
-                        "failed_tasks": [failed_task_dict(f) for f in header.failed_tasks]}
-            except grpc.RpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    stop.wait(0.05)
-                    continue
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "run is finished" in (exc.details() or ""):
-                    log.info("step %d: %s", step, exc.details())
-                    self.progress.finished = True
-                    return None
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "already trained" in (exc.details() or ""):
-                    raise TrainingStopped(
-                        f"the checkpoint resumes at step {step}, but the scheduler says: {exc.details()}. The updates "
-                        f"of the steps in between were reported but never checkpointed and are lost; keep "
-                        f"training.checkpoint_every = 1 (the default) for restarts without loss"
-                    ) from exc
-                raise
-        return None
-
-    def send_report(self, report: dict) -> pb.StepAck:
-        request = pb.StepReport(trainer_id=self.trainer_id, **report)
-        for attempt in range(60):
-            try:
-                return self.stub.ReportStep(request, metadata=self.call_metadata, timeout=30)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 59:
-                    raise
-                time.sleep(min(0.1 * 2**attempt, 2.0))
-        raise AssertionError("unreachable")
+        self.status.update(ready=True, step=self.progress.next_step, policy_version=self.progress.policy_version,
+                           world_size=self.topology.world_size, device=str(self.topology.device))
 
     # ---- one step ----------------------------------------------------------
 
@@ -207,6 +148,7 @@ class Trainer:
             mini_batches=t.mini_batches, micro_batch=t.micro_batch, clip_low=t.clip_low, clip_high=t.clip_high,
             kl_coef=t.kl_coef, grad_clip=t.grad_clip, generator=self.generator, ref_model=self.ref_model,
             max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, logit_chunk_tokens=t.logit_chunk_tokens,
+            topology=self.topology,
         )
         timings["train"] = time.perf_counter() - started
         if result.skipped:
@@ -231,7 +173,7 @@ class Trainer:
         version = self.progress.policy_version + int(changed)
         weights = version_dir(self.paths.weights, version)
         if changed:
-            weights = publish_policy(self.model, self.base_model, self.paths.weights, version)
+            self._publish(self.paths.weights, version, keep=self.config.trainer.keep_policies)
         timings["publish"] = time.perf_counter() - started
 
         outcomes = {o: tensors.outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")}
@@ -264,61 +206,91 @@ class Trainer:
         }
         return report, record
 
+    def _publish(self, weights_dir: Path, version: int, keep: int) -> None:
+        """Gather the policy in full on rank 0 (a collective) and write it there."""
+        state = full_state_dict(self.model)
+        if self.main:
+            publish_state(state, self.model_config, self.base_model, weights_dir, version, dtype=self.publish_dtype,
+                          keep=keep, max_shard_size=self.config.trainer.max_shard_size)
+
     # ---- the loop ------------------------------------------------------------
 
     def run(self, stop) -> None:
-        if self.progress.pending_report is not None:
+        """Train until the run is over; every rank runs this, rank 0 deciding each step (its `stop` counts)."""
+        if self.main and self.progress.pending_report is not None:
             log.info("re-sending the report of step %d, checkpointed before the last exit", self.progress.pending_report["step"])
             record = self.progress.pending_record
             if record is not None and record["step"] in self._recorded_steps():
                 record = None  # the last run wrote its line before it stopped
-            self._acknowledge(self.send_report(self.progress.pending_report), record)
+            self._acknowledge(self.scheduler.send_report(self.progress.pending_report), record)
+        t = self.config.training
+        while True:
+            order = broadcast_from_main(self._next_order(stop) if self.main else None, self.topology)
+            if order["kind"] == "stop":
+                break
+            self._train_order(order["step"], order["batch"])
+        if self.progress.next_step >= t.steps:
+            final = self.paths.run_dir / "final-model"
+            if not final.exists():
+                self._publish(self.paths.run_dir, 0, keep=10**9)
+                if self.main:
+                    (self.paths.run_dir / "v000000").rename(final)
+            if self.main:
+                log.info("training finished after %d steps; final model in %s", t.steps, final)
+
+    def _next_order(self, stop) -> dict:
+        """Rank 0: the next step to train, {"kind": "train", "step", "batch"}, or {"kind": "stop"}."""
         t = self.config.training
         # Steps 0..steps-1 train; a step numbered `steps`, when the scheduler
         # plans one, only validates the final policy (services.scheduler.validation).
         while not stop.is_set() and not self.progress.finished and self.progress.next_step <= t.steps:
             step = self.progress.next_step
             waited = time.perf_counter()
-            batch = self.pull_batch(step, stop)
+            batch = self.scheduler.pull_batch(step, stop)
+            if batch == FINISHED:
+                self.progress.finished = True
+                break
             if batch is None:
                 break
-            wait_s = time.perf_counter() - waited
+            batch["wait_s"] = time.perf_counter() - waited
             self._record_validation(step, batch)
             if step >= t.steps:
                 self._finish_validation_step(step)
                 break
-            if batch["groups"]:
-                report, record = self.train_step(step, batch)
-            else:
-                log.warning("step %d has no groups (all %d tasks failed); reported as skipped", step,
-                            len(batch["failed_tasks"]))
-                report, record = empty_step(step, batch, self.progress.policy_version)
-            record["failed_tasks"] = batch["failed_tasks"]
-            # "transfer" is the tail of "wait": the batch streaming in.
-            record["timings"] |= {"wait": wait_s, "transfer": batch["transfer_s"]}
-            self.progress.next_step = step + 1
-            self.progress.policy_version = report["new_policy_version"]
-            self.progress.rollouts_trained += record["rollouts"]
-            self.progress.tokens_trained += record["tokens"]
-            self.progress.pending_report, self.progress.pending_record = report, record
-            started = time.perf_counter()
-            if (step + 1) % t.checkpoint_every == 0 or step + 1 >= t.steps:
-                save_checkpoint(self.paths.checkpoints, self.model, self.optimizer, self.base_model, vars(self.progress),
-                                generator=self.generator)
-            record["timings"]["checkpoint"] = time.perf_counter() - started
-            started = time.perf_counter()
-            ack = self.send_report(report)
-            record["timings"]["report"] = time.perf_counter() - started
-            self._acknowledge(ack, record)
-            if ack.finished:
-                self.progress.finished = True
-                break
-        if self.progress.next_step >= t.steps:
-            final = self.paths.run_dir / "final-model"
-            if not final.exists():
-                publish_policy(self.model, self.base_model, self.paths.run_dir, 0, keep=10**9)
-                (self.paths.run_dir / "v000000").rename(final)
-            log.info("training finished after %d steps; final model in %s", t.steps, final)
+            return {"kind": "train", "step": step, "batch": batch}
+        return {"kind": "stop"}
+
+    def _train_order(self, step: int, batch: dict) -> None:
+        """Train, checkpoint and (rank 0) report one step; every rank, in step."""
+        t = self.config.training
+        if batch["groups"]:
+            report, record = self.train_step(step, batch)
+        else:
+            log.warning("step %d has no groups (all %d tasks failed); reported as skipped", step,
+                        len(batch["failed_tasks"]))
+            report, record = empty_step(step, batch, self.progress.policy_version)
+        record["failed_tasks"] = batch["failed_tasks"]
+        # "transfer" is the tail of "wait": the batch streaming in.
+        record["timings"] |= {"wait": batch["wait_s"], "transfer": batch["transfer_s"]}
+        self.progress.next_step = step + 1
+        self.progress.policy_version = report["new_policy_version"]
+        self.progress.rollouts_trained += record["rollouts"]
+        self.progress.tokens_trained += record["tokens"]
+        self.progress.pending_report, self.progress.pending_record = report, record
+        started = time.perf_counter()
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 >= t.steps:
+            save_checkpoint(self.paths.checkpoints, self.model, self.optimizer, vars(self.progress), self.generator,
+                            self.topology, keep=t.keep_checkpoints)
+        record["timings"]["checkpoint"] = time.perf_counter() - started
+        if not self.main:
+            self.progress.pending_report = self.progress.pending_record = None
+            return
+        started = time.perf_counter()
+        ack = self.scheduler.send_report(report)
+        record["timings"]["report"] = time.perf_counter() - started
+        self._acknowledge(ack, record)
+        if ack.finished:
+            self.progress.finished = True
 
     def _record_validation(self, step: int, batch: dict) -> None:
         """Write the validation the replicas measured with step `step`'s policy (after `step` updates).
@@ -341,7 +313,7 @@ class Trainer:
         """Report the final validation step: nothing to train, the policy stays."""
         report = {"step": step, "entropy": 1e-6, "loss": 0.0, "new_policy_version": self.progress.policy_version,
                   "weights_path": "", "skipped": True, "metrics": {}}
-        ack = self.send_report(report)
+        ack = self.scheduler.send_report(report)
         self.progress.next_step = step + 1
         self.progress.finished = bool(ack.finished)
         self.status.update(step=self.progress.next_step, policy_version=self.progress.policy_version)

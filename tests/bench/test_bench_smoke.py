@@ -70,6 +70,15 @@ def test_system_benchmark_quick_writes_every_section(tmp_path):
     report = (out / "system.md").read_text()
     for heading in ("## Generation", "## Step anatomy", "## Weight sync", "## Scheduler"):
         assert heading in report
+    trainer = strict_json(out / "trainer.json")["trainer"]
+    (row,) = trainer["lengths"]
+    for name in ("chunked", "unchunked", "sorted", "padded"):
+        assert row[name]["tokens_per_s"] > 0 and row[name]["tokens"] > 0, (name, row[name])
+    # The padded plan pads every micro-batch to the batch's longest; the sorted one only to its own.
+    assert row["padded"]["padded_tokens"] == row["padded"]["sequences"] * row["length"] > row["sorted"]["padded_tokens"]
+    default = trainer["default_run"]
+    assert default["ratio"] == pytest.approx(default["one_pass_s"] / default["two_passes_s"])
+    assert "## Trainer: the default run's training phase" in (out / "trainer.md").read_text()
 
 
 def test_eval_command_reports_pass_at_k_per_source_and_skips_prompts_too_long(tmp_path):
@@ -82,7 +91,7 @@ def test_eval_command_reports_pass_at_k_per_source_and_skips_prompts_too_long(tm
             {"prompt": "what is " + "one plus " * 60 + "one?", "answer": "61", "source": "toy", "id": "toy-long"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval.json"
-    run("e3", "eval", "--model", str(model), "--dataset", str(data), "--samples", "4", "--k", "1,4",
+    run("services", "eval", "--model", str(model), "--dataset", str(data), "--samples", "4", "--k", "1,4",
         # The bare prompt: the 64-position arithmetic model has no room for the math instruction.
         "--max-tokens", "8", "--prompt-template", "{prompt}", "--out", str(out))
     report = strict_json(out)
@@ -98,7 +107,7 @@ def test_eval_command_names_a_missing_model_or_dataset(tmp_path):
     from e3.model.base import ensure_base_model
 
     def fails(model: Path, dataset: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "e3", "eval", "--model", str(model), "--dataset", dataset],
+        result = subprocess.run([sys.executable, "-m", "services", "eval", "--model", str(model), "--dataset", dataset],
                                 cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 2
         return result.stderr

@@ -57,7 +57,8 @@ def test_redis_persists_to_an_append_only_file_on_a_volume(compose_models):
 
 @pytest.mark.parametrize("mutate, expected", [
     (lambda s: s["scheduler"]["environment"].update(E3_SCHEDULER__HTTP_PORT="9000"), "expose [8100, 8101] but the service listens on [8101, 9000]"),
-    (lambda s: s["reward"]["environment"].update(E3_REWARD__TIMEOUT_S="5"), "it does not load the e3 config"),
+    (lambda s: s["reward"]["environment"].update(E3_API_TOKEN="x"), "E3_API_TOKEN) is no longer read"),
+    (lambda s: s["generation"]["environment"].update(E3_TRAINER_TOKEN="x"), "generation makes no trainer calls"),
     (lambda s: s["trainer"]["environment"].update(E3_TRAINER__NOPE="1"), "trainer.nope"),
     (lambda s: s["trainer"]["environment"].update(E3_TRAINER_DEVICE="cuda"), "E3_TRAINER_DEVICE has no effect"),
     (lambda s: s["generation"]["command"].__setitem__(2, s["generation"]["command"][2] + " --bogus"), "unrecognized arguments: --bogus"),
@@ -65,7 +66,7 @@ def test_redis_persists_to_an_append_only_file_on_a_volume(compose_models):
     (lambda s: s["generation"]["depends_on"].pop("reward"), "must wait for reward"),
     (lambda s: s["generation"].update(container_name="gen"), "stop --scale"),
     (lambda s: s["generation"].pop("deploy"), "needs a GPU"),
-    (lambda s: s["trainer"]["environment"].pop("E3_API_TOKEN"), "E3_API_TOKEN is not set"),
+    (lambda s: s["trainer"]["environment"].pop("E3_TRAINER_TOKEN"), "E3_TRAINER_TOKEN is not set"),
     (lambda s: mount(s["trainer"], "/var/lib/e3/run").update(read_only=True), "writes run_dir"),
     (lambda s: mount(s["generation"], "/var/lib/e3/run").update(source="other-volume"), "run_dir differs between services"),
     # The paper presets' model and data: mounted where each service opens them, for every preset.
@@ -84,6 +85,13 @@ def test_redis_persists_to_an_append_only_file_on_a_volume(compose_models):
     (lambda s: s["reward"]["healthcheck"].update(test=["CMD", "e3-healthcheck", "http://127.0.0.1:8200/ready"]), "health check"),
     (lambda s: s["scheduler"]["depends_on"].pop("base-model"), "does not start after the base-model step"),
     (lambda s: s["scheduler"]["environment"].update(E3_SCHEDULER__HOST="127.0.0.1"), "unreachable from other containers"),
+    # The trainer's torchrun: one rank per claimed GPU, on one node.
+    (lambda s: s["trainer"]["command"].__setitem__(3, "--nproc-per-node=2"), "--nproc-per-node=2 but the container is given 1 GPU(s)"),
+    (lambda s: (s["trainer"]["environment"].update(E3_GPU_COUNT="2"), s["trainer"]["command"].__setitem__(3, "--nproc-per-node=1")),
+     "--nproc-per-node=1 but the container is given 2 GPU(s)"),
+    (lambda s: s["trainer"]["command"].__setitem__(2, "--nnodes=2"), "--nnodes=2 but 1 node(s)"),
+    (lambda s: s["trainer"]["command"].__setitem__(0, "python3"), "not started by torchrun"),
+    (lambda s: s["trainer"]["environment"].update(E3_TRAINER__DEVICE="cpu"), "set E3_TRAINER__DEVICE=cuda"),
 ])
 def test_drift_between_compose_and_code_is_reported(gpu_model, mutate, expected):
     mutate(gpu_model["services"])
@@ -134,6 +142,15 @@ def test_image_requirement_files_pin_what_the_code_imports():
     control = (image_requirements.OUT_DIR / "control.txt").read_text()
     # The scheduler and reward images carry neither torch nor vLLM.
     assert "torch" not in control and "vllm" not in control and "math-verify==" in control
+
+
+def test_the_cpu_stack_trains_one_cpu_rank(compose_models):
+    trainer = compose_models["cpu"]["services"]["trainer"]
+    assert "--nproc-per-node=1" in trainer["command"] and "E3_GPU_COUNT" not in trainer["environment"]
+    assert "--nproc-per-node=gpu" in compose_models["gpu"]["services"]["trainer"]["command"]
+    cpu = __import__("copy").deepcopy(compose_models["cpu"])
+    cpu["services"]["trainer"]["command"][3] = "--nproc-per-node=gpu"
+    assert any("the CPU trainer runs one rank" in p for p in problems(cpu, "cpu"))
 
 
 def test_commands_are_recognised_through_sh_and_torchrun():

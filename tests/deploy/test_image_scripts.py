@@ -38,10 +38,30 @@ def test_each_gpu_container_claims_a_different_gpu_and_the_extra_one_fails(fake_
     third = subprocess.run(claim, env=fake_gpus, capture_output=True, text=True, timeout=10)
     outputs = {first.communicate(timeout=10)[0].strip(), second.communicate(timeout=10)[0].strip()}
     assert outputs == {"gpu=0", "gpu=1"}
-    assert third.returncode == 1 and "all 2 GPUs are taken" in third.stderr
+    assert third.returncode == 1 and "wanted 1 GPU(s) but only 0 of 2 are free" in third.stderr
     # Locks die with their holders: a new container gets a GPU again.
     again = subprocess.run(claim[:3] + ['echo "gpu=$CUDA_VISIBLE_DEVICES"'], env=fake_gpus, capture_output=True, text=True)
     assert again.stdout.strip() == "gpu=0"
+
+
+def test_a_multi_gpu_container_claims_its_gpus_together_or_not_at_all(fake_gpus):
+    show = 'echo "gpu=$CUDA_VISIBLE_DEVICES"'
+    holder = subprocess.Popen([str(DOCKER / "gpu-claim.sh"), "sh", "-c", f"{show}; sleep 3"], env=fake_gpus,
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    # One GPU is taken: a trainer that wants both fails and holds neither.
+    both = subprocess.run([str(DOCKER / "gpu-claim.sh"), "sh", "-c", show], env={**fake_gpus, "E3_GPU_COUNT": "2"},
+                          capture_output=True, text=True, timeout=10)
+    assert both.returncode == 1 and "wanted 2 GPU(s) but only 1 of 2 are free" in both.stderr
+    one = subprocess.run([str(DOCKER / "gpu-claim.sh"), "sh", "-c", show], env=fake_gpus, capture_output=True, text=True)
+    assert one.stdout.strip() == "gpu=1"
+    assert holder.communicate(timeout=10)[0].strip() == "gpu=0"
+    both = subprocess.run([str(DOCKER / "gpu-claim.sh"), "sh", "-c", show], env={**fake_gpus, "E3_GPU_COUNT": "2"},
+                          capture_output=True, text=True, timeout=10)
+    assert both.stdout.strip() == "gpu=0,1"
+    bad = subprocess.run([str(DOCKER / "gpu-claim.sh"), "true"], env={**fake_gpus, "E3_GPU_COUNT": "two"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "positive integer" in bad.stderr
 
 
 def test_gpu_claim_only_execs_without_a_lock_directory():
@@ -71,6 +91,14 @@ def test_health_check_passes_on_2xx_and_fails_on_503_or_no_server(http_server):
     assert subprocess.run([*check, f"{http_server}/readyz"]).returncode == 0
     assert subprocess.run([*check, f"{http_server}/starting"], capture_output=True).returncode == 1
     assert subprocess.run([*check, "http://127.0.0.1:9/readyz", "0.5"], capture_output=True).returncode == 1
+
+
+def test_health_check_of_a_trainer_pod_asks_only_on_completion_index_0(http_server):
+    check = [sys.executable, str(DOCKER / "healthcheck.py"), "--index-0-only", f"{http_server}/starting"]
+    env = {"PATH": os.environ["PATH"]}
+    assert subprocess.run(check, capture_output=True, env={**env, "JOB_COMPLETION_INDEX": "0"}).returncode == 1
+    assert subprocess.run(check, capture_output=True, env=env).returncode == 1  # compose: no index, always asks
+    assert subprocess.run(check, capture_output=True, env={**env, "JOB_COMPLETION_INDEX": "1"}).returncode == 0
 
 
 def _stage(tmp_path, **config):

@@ -76,7 +76,7 @@ def _open_reward_to_trainer(docs):
     (lambda d: settings(d)["data"].update(E3_PRESET="bogus"), "unknown preset 'bogus'"),
     (lambda d: container(d, "Job", "e3-trainer")["volumeMounts"][1].update(readOnly=True), "writes run_dir"),
     (lambda d: container(d, "Job", "e3-trainer")["volumeMounts"][1].update(subPath="other"), "run_dir is not the same path"),
-    (lambda d: container(d, "Job", "e3-trainer")["env"][1]["valueFrom"]["secretKeyRef"].update(key="NOPE"),
+    (lambda d: next(e for e in container(d, "Job", "e3-trainer")["env"] if e["name"] == "E3_TRAINER_TOKEN")["valueFrom"]["secretKeyRef"].update(key="NOPE"),
      "missing secret key"),
     (lambda d: init_container(d, "Deployment", "e3-generation").update(
         command=["sh", "-c", "until [ -f /var/lib/e3/artifacts/model/config.json ]; do sleep 5; done"]),
@@ -175,3 +175,49 @@ def test_the_loader_pod_is_valid_and_mounts_the_volumes_the_overlay_defines(rend
     assert {"/models", "/var/lib/e3/run"} <= {m["mountPath"] for m in trainer["volumeMounts"]}
     assert "/var/lib/e3/data" in {m["mountPath"] for m in scheduler["volumeMounts"]}
     assert not mounted["/models"].get("readOnly") and mounted["/var/lib/e3/run"]["readOnly"]
+
+
+def _trainer_env(docs, name, value):
+    entry = next(e for e in container(docs, "Job", "e3-trainer")["env"] if e["name"] == name)
+    entry.update(value=value)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: _trainer_env(d, "NPROC_PER_NODE", "2"), "--nproc-per-node=2 but the container is given 1 GPU(s)"),
+    (lambda d: _trainer_env(d, "NNODES", "2"), "--nnodes=2 but 1 node(s) run the trainer"),
+    (lambda d: find(d, "Job", "e3-trainer")["spec"].update(completions=2), "completions = parallelism"),
+    (lambda d: container(d, "Job", "e3-trainer")["command"].__setitem__(
+        4, "--rdzv-endpoint=e3-trainer-1.e3-trainer:29500"), "is not pod 0"),
+    (lambda d: container(d, "Job", "e3-trainer")["command"].__setitem__(0, "python3"), "not started by torchrun"),
+    (lambda d: find(d, "Service", "e3-trainer")["spec"]["selector"].pop("batch.kubernetes.io/job-completion-index"),
+     "must select pod 0 alone"),
+    (lambda d: find(d, "Service", "e3-trainer")["spec"].update(publishNotReadyAddresses=False), "publish not-ready pods"),
+    (lambda d: _trainer_env(d, "E3_TRAINER__DEVICE", "cpu"), "set E3_TRAINER__DEVICE=cuda"),
+])
+def test_a_trainer_launch_that_does_not_fit_its_pod_is_reported(gpu_docs, mutate, expected):
+    mutate(gpu_docs)
+    found = k8s_check.drift_problems(gpu_docs, "gpu")
+    assert any(expected in p for p in found), found
+
+
+def test_several_trainer_nodes_need_rendezvous_named_pods_and_index_0_probes(rendered):
+    import copy
+
+    docs = copy.deepcopy(rendered["gpu-multinode"])
+    job = find(docs, "Job", "e3-trainer")
+    trainer = container(docs, "Job", "e3-trainer")
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert {"name": "NNODES", "value": "2"} in trainer["env"]
+    trainer["command"] = [p for p in trainer["command"] if not p.startswith("--local-addr")]
+    trainer["livenessProbe"] = {"httpGet": {"path": "/metrics", "port": "http"}}
+    found = k8s_check.drift_problems(docs, "gpu-multinode")
+    assert any("need --local-addr per node" in p for p in found), found
+    assert any("livenessProbe would fail on pods other than index 0" in p for p in found), found
+
+
+def test_the_cpu_overlay_trains_one_cpu_rank(rendered):
+    trainer = container(rendered["cpu"], "Job", "e3-trainer")
+    assert {"name": "NPROC_PER_NODE", "value": "1"} in trainer["env"]
+    docs = __import__("copy").deepcopy(rendered["cpu"])
+    _trainer_env(docs, "NPROC_PER_NODE", "gpu")
+    assert any("the CPU trainer runs one rank" in p for p in k8s_check.drift_problems(docs, "cpu"))

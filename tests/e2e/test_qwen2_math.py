@@ -81,15 +81,15 @@ def qwen2_run(tmp_path_factory, redis_server):
         trainer = Trainer(running.config, Path(running.config.base_model),
                           f"{running.config.scheduler.host}:{running.ports['scheduler_grpc']}")
         batches = []
-        pull = trainer.pull_batch
+        pull = trainer.scheduler.pull_batch  # rank 0's client (the only rank here)
 
         def recording_pull(step, stop):
             batch = pull(step, stop)
-            if batch is not None:
+            if isinstance(batch, dict):  # not None (stopped) or FINISHED
                 batches.append(batch)
             return batch
 
-        trainer.pull_batch = recording_pull
+        trainer.scheduler.pull_batch = recording_pull
         trainer.run(threading.Event())
         yield {
             "tmp": tmp, "config": running.config, "batches": batches,

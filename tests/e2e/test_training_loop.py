@@ -9,12 +9,14 @@ services' HTTP APIs and metrics, and the trainer's metrics file.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from e3.config import load_config
 from e3.core.temperature import TemperatureConfig, initial_state, observe_entropy
@@ -24,6 +26,14 @@ from services.launcher import follow_training, start_stack
 
 pytestmark = pytest.mark.slow
 STEPS = 4
+# scripts/gpu_smoke.sh runs this file with E3_E2E_DEVICE=cuda: the tiny Qwen2 in bfloat16, the trainer and
+# both replicas sharing the GPU(s), the trainer on 2 ranks where 2 GPUs exist.
+GPU = os.environ.get("E3_E2E_DEVICE", "cpu") == "cuda"
+TRAINER_RANKS = 2 if not GPU or torch.cuda.device_count() >= 2 else 1
+GPU_SETTINGS = {
+    "trainer": {"device": "cuda", "dtype": "bfloat16", "local_ranks": TRAINER_RANKS},
+    "generation": {"replicas": 2, "dtype": "bfloat16", "gpu_memory_utilization": 0.2},
+}
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -41,7 +51,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, redis_server):
     run_dir = tmp_path_factory.mktemp("e2e-run")
-    base = ensure_base_model(Path("artifacts"))
+    base = ensure_base_model(Path("artifacts"), architecture="qwen2" if GPU else "llama")
     config = load_config(
         environ={"E3_STORE_URL": redis_server},
         base_model=str(base),
@@ -49,9 +59,10 @@ def finished_run(tmp_path_factory, redis_server):
         data={"train_size": 32, "valid_size": 40},
         training={"steps": STEPS + 1, "batch_questions": 8},
         allocation={"n": 4, "n_low": 2, "n_high": 6, "n_update": 2},
-        generation={"replicas": 2},
         validation_every=2,
         scheduler={"run_id": "e2e-training-loop"},  # its own keys on the session's Redis
+        # Two trainer ranks (torchrun, FSDP2 on gloo): the bookkeeping below must hold as with one.
+        **(GPU_SETTINGS if GPU else {"generation": {"replicas": 2}, "trainer": {"local_ranks": 2, "threads": 1}}),
     )
     running = start_stack(config, run_dir)
     try:
@@ -91,13 +102,25 @@ def test_every_planned_rollout_was_generated_scored_and_trained_once(finished_ru
     assert generated_tokens == sum(r["tokens"] for r in train) + metric(sm, "e3_validation_tokens_total")
 
 
+def test_two_trainer_ranks_trained_and_checkpointed_their_shards(finished_run):
+    checkpoints = finished_run["run_dir"] / "checkpoints"
+    state = checkpoints / (checkpoints / "latest").read_text().strip() / "state"
+    shards = sorted(p.name for p in state.glob("*.safetensors"))
+    assert len(shards) == TRAINER_RANKS, shards  # one file per rank: both ranks held a share of the model
+    assert (finished_run["run_dir"] / "final-model" / "model.safetensors").exists()
+
+
 def test_trainer_and_sampler_agree_on_every_log_probability(finished_run):
     # The trainer recomputes each sampled token's log-probability at the sampling
     # temperature with the weights the replicas sampled with (including those
     # reloaded in place after every step): float32 on both sides, so they agree
     # to rounding. A skipped weight or another prompt would be off by far more.
+    # In bfloat16 (the GPU smoke) both sides round to 8 bits of mantissa with different kernels: the
+    # mean stays small, single tokens can be off by a few tenths.
     train = [r for r in finished_run["records"] if r.get("phase") == "train"]
-    assert all(r["sampler_logprob_diff_max"] < 1e-3 for r in train), [r["sampler_logprob_diff_max"] for r in train]
+    largest, mean = (1e-3, 1e-3) if not GPU else (1.0, 0.05)
+    assert all(r["sampler_logprob_diff_max"] < largest for r in train), [r["sampler_logprob_diff_max"] for r in train]
+    assert all(r["sampler_logprob_diff_mean"] < mean for r in train), [r["sampler_logprob_diff_mean"] for r in train]
 
 
 def test_allocation_honoured_the_budget(finished_run):

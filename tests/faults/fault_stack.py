@@ -5,6 +5,8 @@ ServiceProcess that a fault test can SIGKILL, SIGTERM, SIGSTOP/SIGCONT and
 start again with the same arguments (its log file keeps growing across
 restarts). The scheduler keeps its state in a redis-server with an
 append-only file synced on every write, which the tests can kill too.
+Each process gets, by environment, only the role tokens its service needs
+(services.common.auth.SERVICE_ROLES), three distinct ones in all.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import httpx
 from e3.config import E3Config
 from processes import ServiceProcess
 from redis_server import RedisServer
+from services.common.auth import ENV, ROLES, SERVICE_ROLES
 from services.launcher import resolve_run_config, secret_env
 
 START_S = 300  # vLLM on two busy CPU cores
@@ -45,7 +48,12 @@ class FaultStack:
         config.scheduler.store_url = self.redis.url
         self.config, self.ports = resolve_run_config(config, run_dir)
         self.config_path = str(run_dir / "config.yaml")
-        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(config.generation.cpu_kv_cache_gb)} | secret_env(self.config)
+        secrets = secret_env(self.config)  # the store password and a token for every role
+        self.tokens = {role: secrets[ENV[role]] for role in ROLES}
+        assert len(set(self.tokens.values())) == len(ROLES), "each role has its own token"
+        token_vars = {ENV[role] for role in ROLES}
+        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(config.generation.cpu_kv_cache_gb)} | {
+            k: v for k, v in secrets.items() if k not in token_vars}
         self.trainer_env = trainer_env
         self.host = self.config.scheduler.host
         self.procs: dict[str, ServiceProcess] = {}
@@ -72,9 +80,14 @@ class FaultStack:
                  "--scheduler", self.grpc_address, "--reward-url", reward_url, "--replica-id", name,
                  "--http-port", str(port)], f"http://{host}:{port}/healthz", {})
 
+    def role_env(self, name: str) -> dict[str, str]:
+        """The token environment variables of process `name`: its service's roles only."""
+        service = "generation" if name.startswith("gen-") else name
+        return {ENV[role]: self.tokens[role] for role in SERVICE_ROLES[service]}
+
     def start(self, name: str, wait: bool = True) -> ServiceProcess:
         args, health, extra = self.args(name)
-        proc = ServiceProcess(name, args, self.logs, self.env | extra)
+        proc = ServiceProcess(name, args, self.logs, self.env | self.role_env(name) | extra)
         self.procs[name] = proc
         if wait:
             proc.wait_http(health, timeout_s=START_S)

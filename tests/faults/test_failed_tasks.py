@@ -24,7 +24,7 @@ from e3.model.base import ensure_base_model
 from processes import ServiceProcess
 from services.common.runtime import free_port
 from services.launcher import failure_warnings
-from test_nan_steps import AUTH, TOKEN, wait_for
+from test_nan_steps import AUTH, env_for, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,8 @@ def test_failed_tasks_reach_the_metrics_file_and_an_all_failed_step_is_skipped(t
         "scheduler": {"http_port": http_port, "grpc_port": grpc_port, "max_task_failures": 1},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {"E3_API_TOKEN": TOKEN}
-    scheduler = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp_path / "config.yaml")], tmp_path, env)
+    scheduler = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp_path / "config.yaml")], tmp_path,
+                               env_for("scheduler"))
     api = f"http://127.0.0.1:{http_port}"
     scheduler.wait_http(f"{api}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -72,7 +72,7 @@ def test_failed_tasks_reach_the_metrics_file_and_an_all_failed_step_is_skipped(t
             submit(stub, task, rng)
         trainer = ServiceProcess("trainer", ["services.trainer", "--config", str(tmp_path / "config.yaml"),
                                              "--scheduler", f"127.0.0.1:{grpc_port}", "--http-port", str(trainer_port)],
-                                 tmp_path, env)
+                                 tmp_path, env_for("trainer"))
         wait_for(lambda: httpx.get(f"{api}/v1/state").json()["step"] == 1, 120, "step 0 trained", trainer)
         step_1 = lease(stub, 1)
         for task in step_1:

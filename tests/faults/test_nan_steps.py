@@ -21,11 +21,18 @@ from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.model.base import ensure_base_model
 from processes import ServiceProcess
+from services.common.auth import ENV, SERVICE_ROLES, call_metadata
 from services.common.runtime import free_port
 
 pytestmark = pytest.mark.slow
-TOKEN = "nan-test-token"
-AUTH = (("authorization", f"Bearer {TOKEN}"),)
+# One token per role, each process given only the ones its role needs, as a deployment does.
+TOKENS = {"generation": "nan-generation-token", "trainer": "nan-trainer-token", "operator": "nan-operator-token"}
+AUTH = call_metadata(TOKENS["generation"])  # the test plays the generation replica
+
+
+def env_for(service: str) -> dict[str, str]:
+    """The token environment variables of `service` (services.common.auth.SERVICE_ROLES)."""
+    return {ENV[role]: TOKENS[role] for role in SERVICE_ROLES[service]}
 
 
 def play_replica(stub, step: int, rng: random.Random) -> None:
@@ -62,8 +69,8 @@ def test_nan_steps_are_skipped_then_repeated_ones_stop_the_run_clearly(tmp_path)
         "scheduler": {"http_port": http_port, "grpc_port": grpc_port},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {"E3_API_TOKEN": TOKEN}
-    scheduler = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp_path / "config.yaml")], tmp_path, env)
+    scheduler = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp_path / "config.yaml")], tmp_path,
+                               env_for("scheduler"))
     api = f"http://127.0.0.1:{http_port}"
     scheduler.wait_http(f"{api}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -73,7 +80,7 @@ def test_nan_steps_are_skipped_then_repeated_ones_stop_the_run_clearly(tmp_path)
                     "--http-port", str(trainer_port)]
     try:
         play_replica(stub, 0, rng)
-        trainer = ServiceProcess("trainer", trainer_args, tmp_path, env | {"E3_FAULT__NAN_STEPS": "0,1"})
+        trainer = ServiceProcess("trainer", trainer_args, tmp_path, env_for("trainer") | {"E3_FAULT__NAN_STEPS": "0,1"})
         reports = wait_for(lambda: httpx.get(f"{api}/v1/reports").json(), 120, "step 0 reported", trainer)
         assert reports and reports[0]["step"] == 0 and reports[0]["skipped"], reports
         metrics = httpx.get(f"http://127.0.0.1:{trainer_port}/metrics").text
@@ -89,7 +96,7 @@ def test_nan_steps_are_skipped_then_repeated_ones_stop_the_run_clearly(tmp_path)
         assert httpx.get(f"{api}/v1/state").json()["step"] == 1, "the failed step is not reported as trained"
 
         # The fault gone, a restarted trainer trains the refused step from its checkpoint and finishes.
-        again = ServiceProcess("trainer-again", trainer_args, tmp_path, env)
+        again = ServiceProcess("trainer-again", trainer_args, tmp_path, env_for("trainer"))
         assert again.process.wait(timeout=180) == 0, again.log()[-3000:]
         final = httpx.get(f"{api}/v1/state").json()
         assert final["finished"] and final["policy_version"] == 1

@@ -28,10 +28,11 @@ from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.model.base import ensure_base_model
 from fault_stack import FaultStack, metric
+from services.common.auth import call_metadata
 
 pytestmark = pytest.mark.slow
-TOKEN = "fault-test-token"
-AUTH = (("authorization", f"Bearer {TOKEN}"),)
+TOKENS = {"generation": "fault-generation-token", "trainer": "fault-trainer-token", "operator": "fault-operator-token"}
+AUTH = call_metadata(TOKENS["generation"])  # a replica's probe
 STEPS = 18
 NAN_STEP = STEPS - 3  # late, so that the trainer process that skips it is the one still running
 LEASE_S = 5.0
@@ -43,7 +44,8 @@ story: dict = {}  # facts one chapter leaves for the final check
 def stack(tmp_path_factory):
     base = ensure_base_model(Path("artifacts"))
     config = load_config(
-        environ={}, base_model=str(base.resolve()), api_token=TOKEN, validation_every=1000,
+        environ={}, base_model=str(base.resolve()), validation_every=1000,
+        auth={f"{role}_token": token for role, token in TOKENS.items()},
         data={"train_size": 32, "valid_size": 8}, training={"steps": STEPS, "batch_questions": 4},
         allocation={"n": 4, "n_low": 2, "n_high": 6, "n_update": 2},
         generation={"replicas": 2, "max_tasks_per_lease": 2}, scheduler={"lease_s": LEASE_S},

@@ -31,16 +31,23 @@ from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.store import RedisStore
 from processes import REPO, ServiceProcess
 from services.common.runtime import free_port
+from services.scheduler import stored_groups
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 TOKEN = "load-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 CLIENTS = 32
 LOAD_S = 20.0
+WEIGHTS_DIR = str(REPO / "runs" / "load" / "weights")  # under the run_dir below: the only weights paths accepted
 LEASE_S = 2.0
 BATCH = 64
 ABANDONERS = 4
 DUPLICATE_EVERY = 25
+
+
+def step_of(task_id: str) -> int:
+    """The step of a training task id, s<step>-<i>."""
+    return int(task_id[1:].split("-")[0])
 
 
 class Tally:
@@ -112,7 +119,7 @@ async def trainer(address: str, stop: asyncio.Event, tally: Tally) -> None:
                 continue
             tally.trained[step] = [g.task_id for c in chunks for g in c.groups]
             await tally.timed("ReportStep", stub.ReportStep(pb.StepReport(
-                step=step, entropy=1.0, loss=0.0, new_policy_version=version + 1, weights_path=f"/w/v{version + 1}"),
+                step=step, entropy=1.0, loss=0.0, new_policy_version=version + 1, weights_path=f"{WEIGHTS_DIR}/v{version + 1}"),
                 metadata=AUTH, timeout=30))
             step, version = step + 1, version + 1
 
@@ -139,13 +146,14 @@ def test_many_clients_lose_and_duplicate_no_group(tmp_path, redis_url):
     config = {
         "data": {"train_size": 960}, "training": {"batch_questions": BATCH, "steps": 100000},
         "allocation": {"n": 4, "n_low": 2, "n_high": 6, "rerank": "step"},
+        "run_dir": "runs/load",
         "validation_questions": 0,  # training tasks only: the test counts every accepted group into the statistics
         "scheduler": {"http_port": http_port, "grpc_port": grpc_port, "lease_s": LEASE_S, "store_url": redis_url,
                       "run_id": "load"},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     scheduler = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp_path / "config.yaml"),
-                                             "--vocab-size", "53"], tmp_path, {"E3_API_TOKEN": TOKEN})
+                                             "--vocab-size", "53"], tmp_path, {"E3_AUTH__INSECURE_LOOPBACK": "true"})  # auth is not under load here
     api = f"http://127.0.0.1:{http_port}"
     tally = Tally()
     try:
@@ -163,6 +171,16 @@ def test_many_clients_lose_and_duplicate_no_group(tmp_path, redis_url):
     trained_tasks = {t for ids in tally.trained.values() for t in ids}
     assert trained_tasks <= set(tally.accepted)
     store = RedisStore(redis_url, namespace="load")
+    # Counted, not assumed: an accepted group is lost if it is neither in the batch its step was
+    # trained on nor, for the step still open, among the store's groups of that step; a group is
+    # duplicated if it appears in the trained batches more than once.
+    open_step = state["step"]
+    stored_now = {g["task_id"] for g in stored_groups.decode_all(store.step_groups(open_step))}
+    trained_all = [t for ids in tally.trained.values() for t in ids]
+    lost = [t for t in tally.accepted
+            if t not in (set(tally.trained.get(step_of(t), [])) | (stored_now if step_of(t) == open_step else set()))]
+    duplicated = len(trained_all) - len(set(trained_all))
+    assert lost == [] and duplicated == 0, (lost[:10], duplicated)
     attempts = sum(s.attempts for s in store.all_stats().values())
     assert attempts == sum(tally.samples.values()), "statistics count each accepted group once"
     assert store.counters().duplicates == tally.duplicates >= 1
@@ -179,7 +197,7 @@ def test_many_clients_lose_and_duplicate_no_group(tmp_path, redis_url):
         "latency_ms": {name: {"p50": round(1000 * statistics.median(v), 2), "p99": round(1000 * percentile(v, 0.99), 2)}
                        for name, v in tally.latency.items()},
         "duplicates_refused": tally.duplicates, "abandoned_then_redone": tally.abandoned,
-        "lost_groups": 0, "duplicated_groups": 0, "final_step": state["step"],
+        "lost_groups": len(lost), "duplicated_groups": duplicated, "final_step": state["step"],
     }
     for where in (REPO / "runs" / "load", tmp_path):
         where.mkdir(parents=True, exist_ok=True)

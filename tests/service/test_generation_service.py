@@ -30,6 +30,7 @@ from e3.model import tokenizer as char_tokenizer
 from e3.model.llama import ModelSpec, build_model, save_model_dir
 from e3.store import open_store
 from e3.tasks.datasets import load_split
+from services.common.auth import ENV, RoleTokens
 from services.common.runtime import free_port
 from services.scheduler.engine import SchedulerEngine, StepReport
 from services.scheduler.grpc_api import start_grpc_server
@@ -37,7 +38,9 @@ from services.scheduler.grpc_api import start_grpc_server
 pytestmark = pytest.mark.slow  # starts vLLM: about 30 s on two CPU cores
 
 REPO = Path(__file__).resolve().parents[2]
-TOKEN = "generation-test-token"
+# Three distinct role tokens at the scheduler; the replica and the reward service get only the generation one.
+TOKENS = RoleTokens(generation="generation-test-token", trainer="trainer-test-token", operator="operator-test-token")
+GENERATION_ENV = {ENV["generation"]: TOKENS.generation}
 REPLICA = "gen-test"
 START_TIMEOUT_S = 300
 RUN = {
@@ -85,7 +88,7 @@ def _tail(log: Path | None, lines: int = 60) -> str:
 
 
 def _start_reward(port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "E3_API_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **GENERATION_ENV, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "services.reward", "--port", str(port), "--workers", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
     _wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200, 60, "reward ready", proc, log)
@@ -125,11 +128,11 @@ def cluster(tmp_path_factory):
         config, load_split(config.data, "train"), open_store("memory://"), vocab_size=model.config.vocab_size,
         initial_weights_path=str(tmp / "v0"), observer=recorder,
     )
-    server, grpc_port = start_grpc_server(engine, "127.0.0.1", 0, TOKEN)
+    server, grpc_port = start_grpc_server(engine, "127.0.0.1", 0, TOKENS)
     reward_port, http_port = free_port(), free_port()
     reward = _start_reward(reward_port, tmp / "reward.log")
     log = tmp / "replica.log"
-    env = {**os.environ, "E3_API_TOKEN": TOKEN, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, **GENERATION_ENV, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
         sys.executable, "-m", "services.generation", "--config", str(tmp / "run.yaml"), "--model-dir", str(tmp / "v0"),
         "--scheduler", f"127.0.0.1:{grpc_port}", "--reward-url", f"http://127.0.0.1:{reward_port}",

@@ -19,6 +19,7 @@ from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.store import MemoryStore, StoreUnavailable
 from e3.tasks.datasets import load_split
 from services.scheduler.engine import SchedulerEngine
+from services.common.auth import RoleTokens
 from services.scheduler.grpc_api import start_grpc_server
 
 TOKEN = "grpc-robustness-token"
@@ -32,23 +33,26 @@ EXPECTED_CODES = {
 
 
 class SwitchableStore(MemoryStore):
-    """A memory store whose server can be 'down': every call raises StoreUnavailable."""
+    """A memory store whose server can be 'down' (every call raises StoreUnavailable),
+    or refuse only the methods named in `refusing` (reads work, writes fail: an outage mid-call)."""
 
     down = False
+    refusing: frozenset = frozenset()
 
     def __getattribute__(self, name):
-        if not name.startswith("_") and name != "down" and object.__getattribute__(self, "down"):
+        if not name.startswith("_") and name not in ("down", "refusing") and (
+                object.__getattribute__(self, "down") or name in object.__getattribute__(self, "refusing")):
             raise StoreUnavailable(f"test store is down (called {name})")
         return object.__getattribute__(self, name)
 
 
 @pytest.fixture(scope="module")
 def server():
-    config = load_config(environ={}, data={"train_size": 8}, training={"batch_questions": 2, "steps": 50},
+    config = load_config(environ={}, run_dir="/", data={"train_size": 8}, training={"batch_questions": 2, "steps": 50},
                          allocation={"n": 2, "n_low": 1, "n_high": 3})
     store = SwitchableStore()
-    engine = SchedulerEngine(config, load_split(config.data, "train"), store, vocab_size=54, initial_weights_path="/w/v0")
-    grpc_server, port = start_grpc_server(engine, "127.0.0.1", 0, TOKEN, workers=4, max_message_bytes=MAX_BYTES)
+    engine = SchedulerEngine(config, load_split(config.data, "train"), store, vocab_size=54, initial_weights_path="/weights/v0")
+    grpc_server, port = start_grpc_server(engine, "127.0.0.1", 0, RoleTokens(generation=TOKEN, trainer=TOKEN), workers=4, max_message_bytes=MAX_BYTES)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield {"engine": engine, "store": store, "stub": pb_grpc.SchedulerStub(channel), "channel": channel}
     channel.close()
@@ -73,7 +77,7 @@ def finish_step(stub, step: int, version: int) -> None:
                                         policy_version=task.policy_version, temperature=task.temperature,
                                         samples=samples(task)), metadata=AUTH)
     list(stub.StreamBatch(pb.BatchRequest(step=step, wait_s=5), metadata=AUTH))
-    stub.ReportStep(pb.StepReport(step=step, entropy=1.0, new_policy_version=version, weights_path=f"/w/v{version}"),
+    stub.ReportStep(pb.StepReport(step=step, entropy=1.0, new_policy_version=version, weights_path=f"/weights/v{version}"),
                     metadata=AUTH)
 
 
@@ -124,7 +128,8 @@ def test_out_of_order_and_stale_calls_are_refused_and_never_trained(server):
     version = engine.state["policy_version"]
     cases = [
         # the late replica's task was trained without it: its step is gone
-        (lambda: stub.SubmitGroup(pb.GroupResult(task_id=leased.task_id, replica_id="late", policy_version=leased.policy_version,
+        (lambda: stub.SubmitGroup(pb.GroupResult(task_id=leased.task_id, lease_id=leased.lease_id, replica_id="late",
+                                                 policy_version=leased.policy_version,
                                                  temperature=leased.temperature, samples=samples(leased)), metadata=AUTH),
          grpc.StatusCode.NOT_FOUND, leased.task_id),
         (lambda: list(stub.StreamBatch(pb.BatchRequest(step=step, wait_s=0), metadata=AUTH)),
@@ -152,8 +157,9 @@ def test_a_policy_version_jump_is_refused(server):
     engine, stub = server["engine"], server["stub"]
     version = engine.state["policy_version"]
     for task in stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=100), metadata=AUTH).tasks:
-        stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, replica_id="r", policy_version=task.policy_version,
-                                        temperature=task.temperature, samples=samples(task)), metadata=AUTH)
+        stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, lease_id=task.lease_id, replica_id="r",
+                                        policy_version=task.policy_version, temperature=task.temperature,
+                                        samples=samples(task)), metadata=AUTH)
     err = refusal(lambda: stub.ReportStep(pb.StepReport(step=engine.step, entropy=1.0, new_policy_version=version + 2),
                                           metadata=AUTH))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and f"{version + 1}" in err.details()
@@ -162,16 +168,38 @@ def test_a_policy_version_jump_is_refused(server):
 
 def test_a_store_outage_is_unavailable_and_changes_nothing(server):
     engine, stub, store = server["engine"], server["stub"], server["store"]
-    state_before = dict(engine.state)
-    store.down = True
+    [held] = stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=1), metadata=AUTH).tasks
+    ref = pb.LeaseRef(task_id=held.task_id, lease_id=held.lease_id)
+    calls = {
+        "lease": lambda: stub.LeaseTasks(pb.LeaseRequest(replica_id="r2", max_tasks=1), metadata=AUTH),
+        "submit": lambda: stub.SubmitGroup(pb.GroupResult(
+            task_id=held.task_id, lease_id=held.lease_id, replica_id="r", policy_version=held.policy_version,
+            temperature=held.temperature, samples=samples(held)), metadata=AUTH),
+        "renew": lambda: stub.RenewLeases(pb.RenewRequest(replica_id="r", leases=[ref]), metadata=AUTH),
+        "batch": lambda: list(stub.StreamBatch(pb.BatchRequest(step=engine.step, wait_s=0), metadata=AUTH)),
+    }
+
+    def observed() -> tuple:
+        """What the run is: the engine's state and everything the store answers about the step."""
+        return (repr(engine.state), store.queue_depth(), sorted((t.task_id, t.lease_id, t.lease_expires_at)
+                                                                 for t in store.leases()),
+                store.step_progress(engine.step), store.all_stats(), store.counters())
+
+    before = observed()
+    # Reads answer, every write fails: each call gets past its checks and fails at the store.
+    store.refusing = frozenset({"lease", "complete", "renew", "save_state", "plan_step", "fail", "save_ranks"})
     try:
-        for call in [lambda: stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=1), metadata=AUTH),
-                     lambda: list(stub.StreamBatch(pb.BatchRequest(step=engine.step, wait_s=0), metadata=AUTH))]:
+        for name, call in calls.items():
+            if name == "batch":
+                store.down = True  # a batch only reads: take the whole store away
             err = refusal(call)
-            assert err.code() == grpc.StatusCode.UNAVAILABLE and "retry" in err.details()
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "retry" in err.details(), (name, err.details())
     finally:
-        store.down = False
-    assert engine.state == state_before
+        store.refusing, store.down = frozenset(), False
+    assert observed() == before
+    # The same calls with the store back do change what is observed: the comparison can fail.
+    assert calls["submit"]().accepted
+    assert observed() != before
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -221,19 +249,19 @@ class FailingCommitStore(MemoryStore):
 
 
 def test_a_report_cut_off_at_its_commit_is_applied_exactly_once_on_retry():
-    config = load_config(environ={}, data={"train_size": 4}, training={"batch_questions": 2, "steps": 5},
+    config = load_config(environ={}, run_dir="/", data={"train_size": 4}, training={"batch_questions": 2, "steps": 5},
                          allocation={"n": 2, "n_low": 1, "n_high": 3}, temperature={"init_steps": 0, "target_entropy": 1.0})
     store = FailingCommitStore()
     engine = SchedulerEngine(config, load_split(config.data, "train"), store, vocab_size=54)
-    grpc_server, port = start_grpc_server(engine, "127.0.0.1", 0, None, workers=2)
+    grpc_server, port = start_grpc_server(engine, "127.0.0.1", 0, RoleTokens(), workers=2)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SchedulerStub(channel)
             for task in stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=10)).tasks:
-                stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, replica_id="r", policy_version=0,
-                                                temperature=task.temperature, samples=samples(task)))
+                stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, lease_id=task.lease_id, replica_id="r",
+                                                policy_version=0, temperature=task.temperature, samples=samples(task)))
             state_before = dict(engine.state)
-            report = pb.StepReport(step=0, entropy=0.5, new_policy_version=1, weights_path="/w/v1")
+            report = pb.StepReport(step=0, entropy=0.5, new_policy_version=1, weights_path="/weights/v1")
             store.fail_next_save = True
             assert refusal(lambda: stub.ReportStep(report)).code() == grpc.StatusCode.UNAVAILABLE
             assert engine.state == state_before and store.load_state()["step"] == 0

@@ -22,6 +22,7 @@ from services.generation.engine import PromptTooLong
 from services.generation.heartbeat import LeaseKeeper
 from services.generation.task_failures import report_failure
 from services.scheduler.engine import SchedulerEngine
+from services.common.auth import RoleTokens
 from services.scheduler.grpc_api import start_grpc_server
 
 LEASE_S = 1.5
@@ -34,7 +35,7 @@ def scheduler():
                          allocation={"mode": "uniform", "n": 2, "n_low": 2, "n_high": 2},
                          scheduler={"lease_s": LEASE_S, "max_task_failures": 2})
     engine = SchedulerEngine(config, load_split(config.data, "train"), open_store("memory://"), vocab_size=54)
-    server, port = start_grpc_server(engine, "127.0.0.1", 0, token=None)
+    server, port = start_grpc_server(engine, "127.0.0.1", 0, RoleTokens())
     yield engine, f"127.0.0.1:{port}"
     engine.close()
     server.stop(0)

@@ -21,7 +21,7 @@ def url(tmp_path_factory):
     port = free_port()
     proc = ServiceProcess("reward", ["services.reward", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                                      "--timeout-s", "1", "--python-path", str(REWARDS)],
-                          tmp_path_factory.mktemp("reward-python"), {"E3_API_TOKEN": ""})
+                          tmp_path_factory.mktemp("reward-python"), {"E3_AUTH__INSECURE_LOOPBACK": "true"})
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/readyz", timeout_s=60)
         yield f"http://127.0.0.1:{port}"

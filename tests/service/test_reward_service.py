@@ -29,7 +29,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def client():
     port = _free_port()
-    env = {**os.environ, "E3_API_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "E3_GENERATION_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "services.reward", "--host", "127.0.0.1", "--port", str(port),
         "--timeout-s", str(TIMEOUT_S), "--workers", "2", "--max-batch", str(MAX_BATCH),

@@ -31,7 +31,7 @@ CONFIG = {
     "training": {"steps": 2, "batch_questions": 4, "max_tokens": 6},
     "scheduler": {"lease_s": LEASE_S, "max_task_failures": MAX_FAILURES},
     "validation_questions": 0,
-    "api_token": "s3cret-token",
+    "run_dir": "/",  # weights_path must lie in run_dir/weights
 }
 
 
@@ -41,7 +41,8 @@ def scheduler(tmp_path_factory):
     http_port, grpc_port = free_port(), free_port()
     config = CONFIG | {"scheduler": CONFIG["scheduler"] | {"http_port": http_port, "grpc_port": grpc_port}}
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp / "config.yaml"), "--vocab-size", "54"], tmp)
+    proc = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp / "config.yaml"), "--vocab-size", "54"], tmp,
+                          {"E3_AUTH__INSECURE_LOOPBACK": "true", "E3_OPERATOR_TOKEN": "s3cret-token"})
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel), "proc": proc}
@@ -148,7 +149,7 @@ def test_a_task_failed_max_times_is_marked_failed_and_its_step_completes(schedul
     assert [f.task_id for f in chunks[-1].failed_tasks] == [doomed.task_id]
     assert chunks[-1].failed_tasks[0].reason == "prompt_too_long"
     ack = stub.ReportStep(pb.StepReport(trainer_id="t", step=0, entropy=1.0, loss=0.1, new_policy_version=1,
-                                        weights_path="/w/v1"), metadata=AUTH)
+                                        weights_path="/weights/v1"), metadata=AUTH)
     assert ack.next_step == 1
     # The trained step's failure stays listed; the report counts it.
     assert [f["task_id"] for f in get(scheduler, "/v1/failed-tasks")] == [doomed.task_id]

@@ -26,7 +26,8 @@ def scheduler(tmp_path, env: dict, config: dict | None = None, name: str = "sche
     http_port, grpc_port = free_port(), free_port()
     base = {"data": {"train_size": 8}, "training": {"batch_questions": 4, "steps": 2},
             "allocation": {"n": 2, "n_low": 1, "n_high": 3},
-            "scheduler": {"http_port": http_port, "grpc_port": grpc_port}}
+            "scheduler": {"http_port": http_port, "grpc_port": grpc_port},
+            "auth": {"insecure_loopback": True}}  # access control has its own tests (test_access_roles.py)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(base | (config or {})))
     proc = ServiceProcess(name, ["services.scheduler", "--config", str(tmp_path / "config.yaml"),
                                         "--vocab-size", "54"], tmp_path, env)

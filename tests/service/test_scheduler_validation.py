@@ -26,6 +26,8 @@ CONFIG = {
     "validation_every": 2,
     "validation_samples": SAMPLES,
     "validation_temperature": 0.7,
+    # No tokens: access control has its own tests (test_access_roles.py); here every call comes from loopback.
+    "auth": {"insecure_loopback": True},
 }
 
 
@@ -33,12 +35,13 @@ CONFIG = {
 def scheduler(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scheduler-validation")
     http_port, grpc_port = free_port(), free_port()
-    config = CONFIG | {"scheduler": {"http_port": http_port, "grpc_port": grpc_port}}
+    config = CONFIG | {"scheduler": {"http_port": http_port, "grpc_port": grpc_port}, "run_dir": str(tmp / "run")}
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     proc = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp / "config.yaml"), "--vocab-size", "54"], tmp)
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel)}
+    # A step report's weights_path must lie in <run_dir>/weights.
+    yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel), "weights": tmp / "run" / "weights"}
     channel.close()
     assert proc.stop() == 0, proc.log()[-2000:]
 
@@ -94,7 +97,7 @@ def test_validation_rides_with_the_due_steps_and_never_trains(scheduler):
         else:
             assert all(dict(c.validation) == {} for c in chunks)
         ack = stub.ReportStep(pb.StepReport(trainer_id="t", step=step, entropy=1.0, loss=0.1,
-                                            new_policy_version=step + 1, weights_path=f"/w/v{step + 1}"))
+                                            new_policy_version=step + 1, weights_path=str(scheduler["weights"] / f"v{step + 1}")))
         assert not ack.finished  # the final validation step is still to come
     # Due on step 0 (the base policy) and step 2 (validation_every = 2), not on step 1.
     assert [bool(seen[s]) for s in range(STEPS)] == [True, False, True]

@@ -55,9 +55,9 @@ def test_state_round_trips_and_is_absent_at_first(store):
 def test_stats_accumulate_exactly_and_never_sampled_questions_are_absent(store):
     tasks = [TaskRecord("a", 1, "q", 4, 1.0, 0), TaskRecord("b", 1, "q", 2, 1.0, 0), TaskRecord("c", 1, "z", 2, 1.0, 0)]
     store.plan_step(1, tasks)
-    store.complete("a", {}, [1, 0, 1, 1])
-    store.complete("b", {}, [0.5, 0.25])
-    store.complete("c", {}, [])  # no rollouts scored: z stays never-sampled
+    store.complete("a", b"", [1, 0, 1, 1])
+    store.complete("b", b"", [0.5, 0.25])
+    store.complete("c", b"", [])  # no rollouts scored: z stays never-sampled
     assert store.stats(["q", "z", "missing"]) == {"q": QuestionStats(6, 3.75)}
     assert store.all_stats() == {"q": QuestionStats(6, 3.75)}
     assert store.stats([]) == {}
@@ -143,13 +143,13 @@ def test_expire_leases_requeues_at_the_front_and_counts_expiries(store):
 def test_complete_is_exactly_once(store):
     store.plan_step(1, make_tasks(1, 2))
     [task] = store.lease("A", 1, now=0.0, lease_s=60.0)
-    first = store.complete(task.task_id, {"text": "first"}, [1, 1, 0, 1])
+    first = store.complete(task.task_id, b"first\x00\xff", [1, 1, 0, 1])
     assert (first.outcome, first.step_done, first.step_total) == (SubmitOutcome.ACCEPTED, 1, 2)
     assert store.task(task.task_id).status == TaskStatus.DONE and store.leased_count() == 0
-    second = store.complete(task.task_id, {"text": "second"}, [1, 1, 1, 1])
+    second = store.complete(task.task_id, b"second", [1, 1, 1, 1])
     assert (second.outcome, second.step_done, second.step_total) == (SubmitOutcome.DUPLICATE, 1, 2)
     assert store.stats(["q0"]) == {"q0": QuestionStats(4, 3.0)}
-    assert store.step_groups(1) == [{"text": "first"}]
+    assert store.step_groups(1) == [b"first\x00\xff"]  # binary, byte for byte
     assert store.counters().duplicates == 1
 
 
@@ -157,19 +157,19 @@ def test_complete_accepts_a_task_whose_lease_expired(store):
     store.plan_step(1, make_tasks(1, 3))
     store.lease("A", 2, now=0.0, lease_s=1.0)
     store.expire_leases(5.0)  # both back in the queue, nobody holds them
-    assert store.complete("t1-0", {"by": "A"}, [1]).outcome == SubmitOutcome.ACCEPTED
+    assert store.complete("t1-0", b"A", [1]).outcome == SubmitOutcome.ACCEPTED
     assert store.queue_depth() == 2  # the finished task left the queue
     [taken] = store.lease("B", 1, now=6.0, lease_s=1.0)  # t1-1, now held by B
     assert taken.task_id == "t1-1"
-    assert store.complete("t1-1", {"by": "A"}, [0]).outcome == SubmitOutcome.ACCEPTED
+    assert store.complete("t1-1", b"A", [0]).outcome == SubmitOutcome.ACCEPTED
     assert store.leased_count() == 0
-    assert store.complete("t1-1", {"by": "B"}, [1]).outcome == SubmitOutcome.DUPLICATE
+    assert store.complete("t1-1", b"B", [1]).outcome == SubmitOutcome.DUPLICATE
     assert [t.task_id for t in drain(store)] == ["t1-2"]
-    assert store.step_groups(1) == [{"by": "A"}, {"by": "A"}]
+    assert store.step_groups(1) == [b"A", b"A"]
 
 
 def test_complete_of_an_unknown_task_is_unknown(store):
-    result = store.complete("bogus", {"x": 1}, [1])
+    result = store.complete("bogus", b"x", [1])
     assert (result.outcome, result.step_done, result.step_total) == (SubmitOutcome.UNKNOWN, 0, 0)
     assert store.all_stats() == {} and store.counters().duplicates == 0
 
@@ -177,7 +177,14 @@ def test_complete_of_an_unknown_task_is_unknown(store):
 def test_complete_rejects_non_finite_rewards(store):
     store.plan_step(1, make_tasks(1, 1))
     with pytest.raises(ValueError, match="finite"):
-        store.complete("t1-0", {}, [1.0, float("nan")])
+        store.complete("t1-0", b"", [1.0, float("nan")])
+    assert store.task("t1-0").status == TaskStatus.PENDING
+
+
+def test_complete_takes_a_group_as_bytes_only(store):
+    store.plan_step(1, make_tasks(1, 1))
+    with pytest.raises(TypeError, match="group must be bytes"):
+        store.complete("t1-0", {"samples": []}, [1.0])
     assert store.task("t1-0").status == TaskStatus.PENDING
 
 
@@ -186,9 +193,9 @@ def test_step_progress_and_groups_follow_plan_order(store):
     store.plan_step(7, tasks)
     drain(store)
     for t in reversed(tasks[1:]):
-        store.complete(t.task_id, {"id": t.task_id, "reward": [0.5]}, [0.5])
+        store.complete(t.task_id, t.task_id.encode(), [0.5])
     assert store.step_progress(7) == (3, 4)
-    assert store.step_groups(7) == [{"id": t.task_id, "reward": [0.5]} for t in tasks[1:]]
+    assert store.step_groups(7) == [t.task_id.encode() for t in tasks[1:]]
     assert store.step_progress(8) == (0, 0) and store.step_groups(8) == []
 
 
@@ -196,14 +203,14 @@ def test_drop_step_forgets_tasks_and_groups_but_keeps_statistics(store):
     store.plan_step(1, make_tasks(1, 4))
     store.plan_step(2, make_tasks(2, 2))
     store.lease("A", 2, now=0.0, lease_s=60.0)  # t1-0 and t1-1 leased, the rest queued
-    store.complete("t1-0", {"g": 0}, [1, 1])
+    store.complete("t1-0", b"0", [1, 1])
     store.drop_step(1)
     assert store.task("t1-0") is None and store.task("t1-3") is None
     assert store.step_progress(1) == (0, 0) and store.step_groups(1) == []
     assert store.queue_depth() == 2 and store.leased_count() == 0
     assert [t.task_id for t in drain(store)] == ["t2-0", "t2-1"]
     assert store.stats(["q0"]) == {"q0": QuestionStats(2, 2.0)}
-    assert store.complete("t1-1", {}, [1]).outcome == SubmitOutcome.UNKNOWN
+    assert store.complete("t1-1", b"", [1]).outcome == SubmitOutcome.UNKNOWN
     store.drop_step(99)  # dropping a step never planned is harmless
     store.plan_step(1, make_tasks(1, 1))  # a dropped step is forgotten entirely
 
@@ -252,7 +259,7 @@ def test_concurrent_lease_expire_complete_loses_and_duplicates_nothing(store):
             store.expire_leases(now)
             for t in store.lease(name, 4, now, lease_s=0.0):
                 time.sleep(0)  # let the other replicas run between lease and complete
-                result = store.complete(t.task_id, {"id": t.task_id, "by": name}, [1.0, 0.0])
+                result = store.complete(t.task_id, f"{t.task_id} {name}".encode(), [1.0, 0.0])
                 with lock:
                     outcomes[result.outcome] += 1
                     if result.outcome == SubmitOutcome.ACCEPTED:
@@ -263,7 +270,7 @@ def test_concurrent_lease_expire_complete_loses_and_duplicates_nothing(store):
     assert sorted(accepted) == sorted(ids) and outcomes[SubmitOutcome.UNKNOWN] == 0
     assert store.counters().duplicates == outcomes[SubmitOutcome.DUPLICATE]
     assert store.counters().lease_expiries > 0  # the race did happen
-    assert [g["id"] for g in store.step_groups(1)] == ids
+    assert [g.decode().split()[0] for g in store.step_groups(1)] == ids
     assert store.all_stats() == {f"q{i}": QuestionStats(2, 1.0) for i in range(n)}
     assert store.queue_depth() == 0 and store.leased_count() == 0
 
@@ -284,8 +291,8 @@ def populate(store) -> None:
     store.plan_step(1, make_tasks(1, 3))
     store.plan_step(2, make_tasks(2, 4))
     for t in drain(store, now=0.0, lease_s=1.0)[:5]:
-        store.complete(t.task_id, {"id": t.task_id, "p": 1 / 7}, [1, 0.5])
-    store.complete("t1-0", {}, [1])  # a duplicate, counted
+        store.complete(t.task_id, t.task_id.encode() + b"\x80\x00", [1, 0.5])
+    store.complete("t1-0", b"", [1])  # a duplicate, counted
     assert store.expire_leases(5.0) == ["t2-2", "t2-3"]
     store.lease("A", 1, now=10.0, lease_s=5.0)  # t2-2 leased again, t2-3 stays queued
     store.save_state({"step": 2, "temperature": 0.1 + 0.2, "saved": True})
@@ -306,7 +313,7 @@ def assert_resumes(store, before: dict) -> None:
     assert before["depths"] == (1, 1) and before["counters"].duplicates == 1
     assert [t.task_id for t in drain(store, now=20.0)] == ["t2-3"]
     assert store.expire_leases(15.0) == ["t2-2"]
-    assert store.complete("t2-2", {"late": True}, [0]).outcome == SubmitOutcome.ACCEPTED
+    assert store.complete("t2-2", b"late", [0]).outcome == SubmitOutcome.ACCEPTED
 
 
 def test_memory_snapshot_survives_a_restart(tmp_path):
@@ -324,7 +331,21 @@ DAMAGES = {  # each turns a good snapshot (parsed) into the text of a bad one
     "queue-names-unknown-task": lambda data: json.dumps({**data, "queue": data["queue"] + ["ghost"]}),
     "bad-field-type": lambda data: json.dumps({**data, "tasks": [{**t, "step": "x"} for t in data["tasks"]]}),
     "groups-lost": lambda data: json.dumps({**data, "groups": {"1": {}, "2": {}}}),
+    "group-not-base64": lambda data: json.dumps(
+        {**data, "groups": {s: {t: "#not base64#" for t in gs} for s, gs in data["groups"].items()}}),
 }
+
+
+def test_memory_snapshot_of_version_1_keeps_its_json_groups_as_json_bytes(tmp_path):
+    path = tmp_path / "store.json"
+    populate(populated := MemoryStore(path))
+    populated.close()
+    data = json.loads(path.read_text())
+    # Version 1 wrote each group as the JSON object an older scheduler had stored.
+    groups = {s: {t: {"task_id": t, "samples": []} for t in gs} for s, gs in data["groups"].items()}
+    path.write_text(json.dumps(data | {"version": 1, "groups": groups}))
+    old = MemoryStore(path)
+    assert [json.loads(g) for g in old.step_groups(1)] == [groups["1"][t] for t in sorted(groups["1"])]
 
 
 @pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())

@@ -51,7 +51,7 @@ def test_a_lease_that_expired_back_to_the_queue_cannot_be_renewed(store):
 def test_renew_of_finished_tasks_reports_them_lost_and_renews_nothing(store):
     store.plan_step(1, make_tasks(1, 2))
     a, b = store.lease("A", 2, now=0.0, lease_s=5.0)
-    store.complete(a.task_id, {"g": 1}, [1.0])
+    store.complete(a.task_id, b"1", [1.0])
     store.fail(b.task_id, b.lease_id, "A", "engine_error", "boom", max_failures=1)
     result = store.renew("A", [(a.task_id, a.lease_id), (b.task_id, b.lease_id)], now=1.0, lease_s=5.0)
     assert result.renewed == [] and result.lost == [a.task_id, b.task_id]
@@ -89,12 +89,12 @@ def test_at_the_limit_a_task_is_failed_finished_and_recorded(store):
     # The failed task is never leased again; the step finishes with the other one.
     [other] = drain(store, now=10.0)
     assert other.task_id == "t1-1"
-    done = store.complete(other.task_id, {"g": "ok"}, [1.0])
+    done = store.complete(other.task_id, b"ok", [1.0])
     assert (done.outcome, done.step_done, done.step_total) == (SubmitOutcome.ACCEPTED, 2, 2)
     # A late group for the failed task changes nothing.
-    late = store.complete("t1-0", {"g": "late"}, [1.0])
+    late = store.complete("t1-0", b"late", [1.0])
     assert (late.outcome, late.step_done) == (SubmitOutcome.DUPLICATE, 2)
-    assert store.step_groups(1) == [{"g": "ok"}] and store.stats(["q0"]) == {}
+    assert store.step_groups(1) == [b"ok"] and store.stats(["q0"]) == {}
 
 
 def test_a_failure_report_for_a_lease_not_held_counts_nothing(store):
@@ -107,7 +107,7 @@ def test_a_failure_report_for_a_lease_not_held_counts_nothing(store):
     assert store.fail(new.task_id, old.lease_id, "A", "engine_error", "", LIMIT).outcome == FailOutcome.STALE
     assert store.fail(new.task_id, new.lease_id, "A", "engine_error", "", LIMIT).outcome == FailOutcome.STALE
     assert store.task(new.task_id).status == TaskStatus.LEASED and store.task(new.task_id).failures == 0
-    store.complete(new.task_id, {}, [1.0])
+    store.complete(new.task_id, b"", [1.0])
     assert store.fail(new.task_id, new.lease_id, "B", "engine_error", "", LIMIT).outcome == FailOutcome.FINISHED
     assert store.fail("nope", "x", "B", "engine_error", "", LIMIT).outcome == FailOutcome.UNKNOWN
 

@@ -1,71 +1,93 @@
-"""Checkpoints hold no pickles, resume exactly, and nothing in e3 unpickles anything."""
+"""Checkpoints hold no pickles, resume exactly, keep the newest N, and nothing in e3 unpickles anything."""
 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from services.trainer.publish import (
-    discard_unreported_versions,
-    latest_checkpoint,
-    load_generator_state,
-    load_optimizer_state,
-    save_checkpoint,
-    version_dir,
-)
+from e3.train.parallel import start_ranks
+from e3.train.sharding import full_state_dict, shard_policy
+from services.trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from services.trainer.publish import discard_unreported_versions, version_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+def sharded_model(seed: int):
+    start_ranks("cpu")  # FSDP needs a process group: a job of one rank in this process
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=16))
+    return shard_policy(lm)
 
 
-def one_step(model, optimizer) -> None:
+def one_step(scorer, optimizer) -> None:
     optimizer.zero_grad()
-    model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    logprobs, _ = scorer(ids, torch.ones_like(ids), torch.tensor([0.9]))
+    (-logprobs.sum()).backward()
     optimizer.step()
 
 
 def test_checkpoint_is_safetensors_and_json_and_resumes_bit_for_bit(tmp_path):
-    model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
+    topology = start_ranks("cpu")
+    scorer = sharded_model(seed=0)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-2, betas=(0.8, 0.95))
     generator = torch.Generator().manual_seed(5)
     for _ in range(2):
-        one_step(model, optimizer)
+        one_step(scorer, optimizer)
     torch.randperm(10, generator=generator)
-    save_checkpoint(tmp_path, model, optimizer, tmp_path, {"next_step": 2}, generator=generator)
+    save_checkpoint(tmp_path, scorer, optimizer, {"next_step": 2}, generator, topology)
     checkpoint = latest_checkpoint(tmp_path)
-    files = {p.name for p in checkpoint.iterdir()}
-    assert {"optimizer.safetensors", "optimizer.json", "rng.safetensors", "progress.json", "model"} <= files
-    assert not [p for p in checkpoint.rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pickle")]
+    assert {p.name for p in checkpoint.iterdir()} == {"state", "optimizer.json", "rng.safetensors", "progress.json"}
+    assert {p.suffix for p in checkpoint.rglob("*") if p.is_file()} == {".safetensors", ".json"}  # no pickle
 
-    resumed = LlamaForCausalLM.from_pretrained(checkpoint / "model", use_safetensors=True)
-    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2, betas=(0.8, 0.95))
-    resumed_optimizer.load_state_dict(load_optimizer_state(checkpoint))
+    # Another start (other weights, no AdamW moments) takes everything from the checkpoint.
+    resumed = sharded_model(seed=1)
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
     resumed_generator = torch.Generator()
-    resumed_generator.set_state(load_generator_state(checkpoint))
+    assert load_checkpoint(checkpoint, resumed, resumed_optimizer, resumed_generator) == {"next_step": 2}
     assert resumed_optimizer.param_groups[0]["betas"] == (0.8, 0.95)
-    one_step(model, optimizer)
+    one_step(scorer, optimizer)
     one_step(resumed, resumed_optimizer)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    original, restored = full_state_dict(scorer), full_state_dict(resumed)
+    assert original.keys() == restored.keys() and original
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
     assert torch.equal(torch.randperm(10, generator=generator), torch.randperm(10, generator=resumed_generator))
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    topology = start_ranks("cpu")
+    scorer = sharded_model(seed=0)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-2)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, scorer, optimizer, {"next_step": step}, torch.Generator(), topology, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002", "step-000003"]
+    assert latest_checkpoint(tmp_path).name == "step-000003"
 
 
 def test_unreadable_optimizer_state_names_the_checkpoint(tmp_path):
     (tmp_path / "optimizer.json").write_text('{"format": "something else"}')
-    try:
-        load_optimizer_state(tmp_path)
-    except ValueError as exc:
-        assert str(tmp_path) in str(exc) and "optimizer" in str(exc)
-    else:
-        raise AssertionError("a foreign optimizer.json was accepted")
+    scorer = sharded_model(seed=0)
+    with pytest.raises(ValueError, match="optimizer") as caught:
+        load_checkpoint(tmp_path, scorer, torch.optim.AdamW(scorer.parameters()), torch.Generator())
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_a_checkpoint_of_the_earlier_unsharded_format_is_refused_by_name(tmp_path):
+    old = tmp_path / "step-000004"
+    (old / "model").mkdir(parents=True)
+    (old / "progress.json").write_text(json.dumps({"next_step": 4}))
+    (tmp_path / "latest").write_text(old.name)
+    with pytest.raises(FileNotFoundError, match="no state/ directory") as caught:
+        latest_checkpoint(tmp_path)
+    assert str(old) in str(caught.value)
 
 
 def test_versions_published_after_the_checkpoint_are_discarded(tmp_path):

@@ -1,11 +1,11 @@
-"""`python -m e3 run` refuses, in one line, a config whose task the built-in arithmetic base model cannot read."""
+"""`e3 run` refuses, in one line, a config whose task the built-in arithmetic base model cannot read."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from e3.cli import main
+from services.cli import main
 from e3.config import ConfigError, load_config
 from services.launcher import require_base_model
 

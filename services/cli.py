@@ -1,8 +1,13 @@
 """The `e3` command line: `run` trains, `inspect` shows the base policy and an allocation, `eval` measures pass@k.
 
-    python -m e3 run [--config FILE] [--preset NAME] [--steps N] [--replicas N] [--run-dir DIR]
-    python -m e3 inspect [--batch 20] [--samples 8]
-    python -m e3 eval --model DIR --dataset arithmetic-valid|PATH [--samples 16] [--k 1,2,4,8,16] [--out FILE]
+    e3 run [--config FILE] [--preset NAME] [--steps N] [--replicas N] [--run-dir DIR]
+    e3 inspect [--batch 20] [--samples 8]
+    e3 eval --model DIR --dataset arithmetic-valid|PATH [--samples 16] [--k 1,2,4,8,16] [--out FILE]
+
+`e3` is the console script of the installed project; `python -m services`
+is the same command. It lives in the shells because `run` starts the
+services (services.launcher) and `eval` uses the benchmark harness
+(services.bench.evaluate); the library e3/ imports nothing from here.
 """
 
 from __future__ import annotations
