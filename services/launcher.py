@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from e3.config import ConfigError, E3Config
-from services.common.auth import ENV, ROLES
+from services.common.auth import ENV, ROLES, SERVICE_ROLES
 from services.common.runtime import free_port
 
 console = Console(stderr=True)
@@ -54,11 +54,12 @@ class Stack:
         self.services: list[Service] = []
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, args: list[str], health_url: str | None = None) -> Service:
+    def start(self, name: str, args: list[str], health_url: str | None = None, env: dict | None = None) -> Service:
+        """Start `python -m *args`, with the stack's environment and `env` (this service's own secrets) on top."""
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_file = log_path.open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
+            [sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT, env=self.env | (env or {}),
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the children in order
         )
         service = Service(name, process, log_path, health_url)
@@ -135,10 +136,16 @@ def resolve_run_config(config: E3Config, run_dir: Path) -> tuple[E3Config, dict]
     return config, ports
 
 
-def secret_env(config: E3Config) -> dict[str, str]:
-    """The secrets config.yaml leaves out, as the environment variables the services read."""
-    out = {ENV[role]: getattr(config.auth, f"{role}_token") for role in ROLES if getattr(config.auth, f"{role}_token")}
-    if config.scheduler.store_password:
+def secret_env(config: E3Config, service: str | None = None) -> dict[str, str]:
+    """The secrets config.yaml leaves out, as the environment variables the services read.
+
+    With `service` (scheduler, generation, reward, trainer): only the tokens
+    of the roles it serves or uses (SERVICE_ROLES), and the store password
+    only for the scheduler. Without: every secret.
+    """
+    roles = ROLES if service is None else SERVICE_ROLES[service]
+    out = {ENV[role]: getattr(config.auth, f"{role}_token") for role in roles if getattr(config.auth, f"{role}_token")}
+    if config.scheduler.store_password and service in (None, "scheduler"):
         out["E3_STORE_PASSWORD"] = config.scheduler.store_password
     return out
 
@@ -182,15 +189,16 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
     env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.generation.cpu_kv_cache_gb))
     env["PYTHONUNBUFFERED"] = "1"
-    env |= secret_env(config)
+    for name in secret_env(config):  # each service gets its own secrets below, none from the caller
+        env.pop(name, None)
     stack = Stack(run_dir, env)
     try:
         python_path = [arg for p in config.reward.python_path for arg in ("--python-path", str(Path(p).resolve()))]
         reward = stack.start("reward", ["services.reward", "--host", host, "--port", str(ports["reward"]),
                                         "--timeout-s", str(config.reward.timeout_s), *python_path],
-                             f"http://{host}:{ports['reward']}/readyz")
+                             f"http://{host}:{ports['reward']}/readyz", env=secret_env(config, "reward"))
         scheduler = stack.start("scheduler", ["services.scheduler", "--config", config_path],
-                                f"http://{host}:{ports['scheduler_http']}/readyz")
+                                f"http://{host}:{ports['scheduler_http']}/readyz", env=secret_env(config, "scheduler"))
         stack.wait_ready(reward, 120)
         stack.wait_ready(scheduler, 120)
         scheduler_address = f"{host}:{ports['scheduler_grpc']}"
@@ -201,7 +209,7 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
                 "--replica-id", f"gen-{i}", "--http-port", str(port),
             # /readyz: the engine is up and serves the scheduler's policy, so no
             # replica is still starting while the others run the whole job.
-            ], f"http://{host}:{port}/readyz")
+            ], f"http://{host}:{port}/readyz", env=secret_env(config, "generation"))
             for i, port in enumerate(ports["generation"])
         ]
         trainer_service = None
@@ -211,7 +219,7 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
             if config.trainer.local_ranks > 1:  # one job of N ranks on this machine (services.trainer.loop)
                 trainer_args = ["torch.distributed.run", "--standalone", f"--nproc-per-node={config.trainer.local_ranks}",
                                 "-m", *trainer_args]
-            trainer_service = stack.start("trainer", trainer_args)
+            trainer_service = stack.start("trainer", trainer_args, env=secret_env(config, "trainer"))
         for replica in replicas:
             stack.wait_ready(replica, 300)
     except BaseException:

@@ -29,6 +29,7 @@ from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.model.base import ensure_base_model
 from fault_stack import FaultStack, metric
 from services.common.auth import call_metadata
+from services.scheduler.validation import split_of
 
 pytestmark = pytest.mark.slow
 TOKENS = {"generation": "fault-generation-token", "trainer": "fault-trainer-token", "operator": "fault-operator-token"}
@@ -65,7 +66,9 @@ def running(stack: FaultStack) -> dict:
 
 
 def leases_of(stack: FaultStack, replica: str) -> list[dict]:
-    return [lease for lease in stack.get(f"{stack.api}/v1/leases") if lease["replica_id"] == replica]
+    """The training tasks `replica` holds; validation tasks (split_of not None) are never trained."""
+    return [lease for lease in stack.get(f"{stack.api}/v1/leases")
+            if lease["replica_id"] == replica and split_of(lease["task_id"]) is None]
 
 
 def caught_holding_leases(stack: FaultStack, replica: str, timeout_s: float = 120) -> list[dict]:
