@@ -81,7 +81,7 @@ def start_ranks(device_setting: str, control_timeout_s: float = 6 * 3600) -> Top
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ and world_size >= 1 and "RANK" in os.environ:
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:  # torchrun's rendezvous
             dist.init_process_group(backend, rank=rank, world_size=world_size,
                                     timeout=timedelta(seconds=control_timeout_s))
         else:
