@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from e3.bench.markdown import table as _table
+
 
 def fmt(stat: dict | None, digits: int = 3, percent: bool = False) -> str:
     """"0.512 ± 0.013" from a mean_std dict; no "±" with a single seed; "–" for nothing."""
@@ -16,11 +18,6 @@ def fmt(stat: dict | None, digits: int = 3, percent: bool = False) -> str:
 
 def _count(value: float | None) -> str:
     return "not reached" if value is None else f"{value:,.0f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def learning_markdown(results: dict, plots: list[str]) -> str:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from e3.bench.anatomy import PHASES
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+from e3.bench.markdown import table as _table
 
 
 def _mb(nbytes: int) -> str:
