@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_ranks  # noqa: E402
 
-from e3.train.update import grpo_update  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "fsdp_ranks.py"
 REPO = Path(__file__).resolve().parents[2]
@@ -57,10 +56,8 @@ def bare_reference():
     reference = fsdp_ranks.tiny_qwen2().requires_grad_(False).eval()
     snapshots, results = [], []
     for mini_batches, seed, kl_coef in ((2, 1, 0.0), (1, 2, 0.0), (1, 3, 0.1)):
-        results.append(grpo_update(model, optimizer, fsdp_ranks.batch(), mini_batches=mini_batches, micro_batch=1,
-                                   clip_low=0.2, clip_high=0.28, kl_coef=kl_coef, grad_clip=0.5,
-                                   generator=torch.Generator().manual_seed(seed), max_tokens_per_micro_batch=16,
-                                   logit_chunk_tokens=5, ref_model=reference if kl_coef else None))
+        results.append(fsdp_ranks.step(model, optimizer, mini_batches, seed, topology=None, kl_coef=kl_coef,
+                                       ref_model=reference if kl_coef else None))
         snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
     return snapshots, results
 
@@ -106,8 +103,6 @@ def test_a_resumed_step_without_the_moments_would_differ(runs):
     model.load_state_dict(load_file(root / "two" / "after-1.safetensors"), strict=False)
     model.lm_head.weight = model.model.embed_tokens.weight
     fresh = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
-    grpo_update(model, fresh, fsdp_ranks.batch(), mini_batches=1, micro_batch=1,
-                clip_low=0.2, clip_high=0.28, kl_coef=0.0, grad_clip=0.5, generator=torch.Generator().manual_seed(2),
-                max_tokens_per_micro_batch=16, logit_chunk_tokens=5)
+    fsdp_ranks.step(model, fresh, mini_batches=1, seed=2, topology=None)
     saved = load_file(root / "two" / "after-2.safetensors")
     assert max(float((saved[k] - v).abs().max()) for k, v in model.named_parameters()) > 1e-4
