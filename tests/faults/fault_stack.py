@@ -23,7 +23,7 @@ import httpx
 from e3.config import E3Config
 from processes import ServiceProcess
 from redis_server import RedisServer
-from services.common.auth import ENV, ROLES, SERVICE_ROLES
+from services.common.auth import ENV, ROLES
 from services.launcher import resolve_run_config, secret_env
 
 START_S = 300  # vLLM on two busy CPU cores
@@ -51,9 +51,7 @@ class FaultStack:
         secrets = secret_env(self.config)  # the store password and a token for every role
         self.tokens = {role: secrets[ENV[role]] for role in ROLES}
         assert len(set(self.tokens.values())) == len(ROLES), "each role has its own token"
-        token_vars = {ENV[role] for role in ROLES}
-        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(config.generation.cpu_kv_cache_gb)} | {
-            k: v for k, v in secrets.items() if k not in token_vars}
+        self.env = {"VLLM_CPU_KVCACHE_SPACE": str(config.generation.cpu_kv_cache_gb)}
         self.trainer_env = trainer_env
         self.host = self.config.scheduler.host
         self.procs: dict[str, ServiceProcess] = {}
@@ -80,14 +78,11 @@ class FaultStack:
                  "--scheduler", self.grpc_address, "--reward-url", reward_url, "--replica-id", name,
                  "--http-port", str(port)], f"http://{host}:{port}/healthz", {})
 
-    def role_env(self, name: str) -> dict[str, str]:
-        """The token environment variables of process `name`: its service's roles only."""
-        service = "generation" if name.startswith("gen-") else name
-        return {ENV[role]: self.tokens[role] for role in SERVICE_ROLES[service]}
-
     def start(self, name: str, wait: bool = True) -> ServiceProcess:
         args, health, extra = self.args(name)
-        proc = ServiceProcess(name, args, self.logs, self.env | self.role_env(name) | extra)
+        # The launcher's rule: only the secrets of the process's own service (its roles' tokens).
+        service = "generation" if name.startswith("gen-") else name
+        proc = ServiceProcess(name, args, self.logs, self.env | secret_env(self.config, service) | extra)
         self.procs[name] = proc
         if wait:
             proc.wait_http(health, timeout_s=START_S)
