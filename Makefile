@@ -46,6 +46,17 @@ bench-system: setup base-model
 bench-system-quick: setup base-model
 	@$(PY) -m services.bench.system --quick $(BENCH_ARGS)
 
+# The scheduler under 256 and 512 simulated replicas on Redis (docs in services/bench/scheduler_load.py):
+# bench/results/scheduler_load.json and .md. Needs redis-server, no model.
+.PHONY: bench-scheduler-load
+bench-scheduler-load: setup
+	@$(PY) -m services.bench.scheduler_load $(BENCH_ARGS)
+
+# A SIMULATION (no model): every allocation policy on the simulated learner, two difficulty mixes, fixed seeds.
+.PHONY: bench-allocation
+bench-allocation: setup
+	@$(PY) -m services.bench.allocation_sim $(BENCH_ARGS)
+
 stubs: setup
 	@$(PY) -m e3.contracts.build
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from e3.failpoints import parse as parse_failpoints
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -168,6 +170,9 @@ class SchedulerConfig(_Section):
     max_task_failures: int = Field(3, ge=1, description="ReportTaskFailure calls after which a task is marked "
                                    "failed (finished, no group) instead of re-queued")
     run_id: str = "e3"
+    leader_lease_s: float = Field(15.0, gt=0, le=600, description="the scheduler's leader lease in the store: "
+                                  "renewed every third of it; a successor (a second scheduler on the same run) "
+                                  "waits until it runs out, then takes the run and fences this one out")
 
     @model_validator(mode="after")
     def _tls_needs_rediss(self) -> "SchedulerConfig":
@@ -308,6 +313,20 @@ class FaultConfig(_Section):
     nan_steps: list[int] = Field(default_factory=list, description="steps whose loss the trainer makes NaN")
     sampling_delay_s: float = Field(0.0, ge=0, le=600, description="seconds a replica holds each lease's "
                                     "sampling back, to make rollouts outlast scheduler.lease_s")
+    failpoints: list[str] = Field(default_factory=list, description="name=kill|exit|sleep:<s> entries: the "
+                                  "process fails at those points (e3.failpoints)")
+    failpoints_dir: str | None = Field(None, description="with it, each failpoint fires once: a marker file there")
+
+    @field_validator("failpoints", mode="before")
+    @classmethod
+    def _failpoint_list(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("failpoints")
+    @classmethod
+    def _known_actions(cls, value: list[str]) -> list[str]:
+        parse_failpoints(value)
+        return value
 
     @field_validator("nan_steps", mode="before")
     @classmethod

@@ -20,6 +20,8 @@ VALIDATION_ACCURACY = "e3_validation_accuracy"  # label level = all | 1..5
 VALIDATION_ROLLOUTS_TOTAL = "e3_validation_rollouts_total"  # sampled and scored by replicas, never trained
 VALIDATION_TOKENS_TOTAL = "e3_validation_tokens_total"  # their response tokens
 STEP = "e3_step"
+RUN_FINISHED = "e3_run_finished"  # 1 once the scheduler says the run is over
+SCHEDULER_HALTED = "e3_scheduler_halted"  # 1 once this scheduler stopped acting on the run (fenced, store went back)
 EPOCH = "e3_epoch"
 POLICY_VERSION = "e3_policy_version"
 ROLLOUT_BOUNDS = "e3_rollout_bounds"  # label bound = n_min | n_max

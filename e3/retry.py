@@ -5,12 +5,16 @@ A call is retried only when `retryable(exc)` says its failure is temporary
 and the last temporary one, propagate unchanged. Delays double from
 `first_delay_s` up to `max_delay_s`. It lives in the library, not in
 `services/`, because the Redis store (e3.store) retries with it too.
+`retry_async` is the same loop for coroutines (the generation replica),
+which can also give up at a deadline that may move while it waits (a lease
+being renewed) or when a stop event is set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -53,3 +57,48 @@ def call_with_retry(
                 on_retry(exc, delay)
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+async def retry_async(
+    fn: Callable[[], Awaitable[T]],
+    retryable: Callable[[BaseException], bool],
+    attempts: int | None = None,
+    first_delay_s: float = 0.1,
+    max_delay_s: float = 2.0,
+    deadline: Callable[[], float] | None = None,
+    stop: asyncio.Event | None = None,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> T:
+    """await fn(), again after each retryable exception, with the back-off of backoff_delays.
+
+    It gives up, re-raising the last exception, after `attempts` calls (None:
+    no limit), when the next wait would end at or past `deadline()` (unix
+    seconds, read again before every wait, so a deadline that moves is
+    followed), or when `stop` is set (a wait in progress ends at once).
+    `on_retry(exc, delay)` runs before each wait.
+    """
+    if attempts is not None and attempts < 1:
+        raise ValueError(f"attempts must be >= 1 or None, got {attempts}")
+    delays = backoff_delays(first_delay_s, max_delay_s)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await fn()
+        except Exception as exc:
+            if not retryable(exc) or (attempts is not None and attempt >= attempts):
+                raise
+            delay = next(delays)
+            if (stop is not None and stop.is_set()) or (deadline is not None and time.time() + delay >= deadline()):
+                raise
+            if on_retry is not None:
+                on_retry(exc, delay)
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except asyncio.TimeoutError:
+                    pass
+                if stop.is_set():
+                    raise

@@ -64,6 +64,11 @@ class SchedulerStub:
                 request_serializer=e3__pb2.TaskFailure.SerializeToString,
                 response_deserializer=e3__pb2.TaskFailureAck.FromString,
                 _registered_method=True)
+        self.RegisterTrainer = channel.unary_unary(
+                '/e3.v1.Scheduler/RegisterTrainer',
+                request_serializer=e3__pb2.TrainerRegistration.SerializeToString,
+                response_deserializer=e3__pb2.TrainerEpoch.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -125,6 +130,17 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterTrainer(self, request, context):
+        """A trainer starting (epoch 0) is given the run's next trainer epoch, and
+        every trainer with an older one is superseded: its StreamBatch and
+        ReportStep calls are refused (FAILED_PRECONDITION) from then on. A
+        trainer asking with its own epoch learns whether it is still current
+        (it asks before each write to the run directory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +173,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ReportTaskFailure,
                     request_deserializer=e3__pb2.TaskFailure.FromString,
                     response_serializer=e3__pb2.TaskFailureAck.SerializeToString,
+            ),
+            'RegisterTrainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterTrainer,
+                    request_deserializer=e3__pb2.TrainerRegistration.FromString,
+                    response_serializer=e3__pb2.TrainerEpoch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -321,6 +342,33 @@ class Scheduler:
             '/e3.v1.Scheduler/ReportTaskFailure',
             e3__pb2.TaskFailure.SerializeToString,
             e3__pb2.TaskFailureAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterTrainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/e3.v1.Scheduler/RegisterTrainer',
+            e3__pb2.TrainerRegistration.SerializeToString,
+            e3__pb2.TrainerEpoch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,7 @@ class TaskRecord:
 class SubmitOutcome(str, enum.Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"  # the task was already done: counted once
+    STALE = "stale"  # the submitter's lease is no longer held: nothing counted
     UNKNOWN = "unknown"  # no such task
 
 
@@ -92,6 +93,49 @@ class StepAlreadyPlanned(ValueError):
     """plan_step was called twice for the same step."""
 
 
+class StoreFenced(RuntimeError):
+    """Another scheduler took the run over: this handle's fencing token is out of date.
+
+    Raised by every state-changing call of a handle that lost its leadership
+    (acquire_leadership). Nothing the call would have written was written:
+    the token is checked in the same atomic step as the write.
+    """
+
+    def __init__(self, token: int, current: str) -> None:
+        if current.isdigit() and int(current) < token or current in ("", "None", "False", "false"):
+            # Tokens only go up: a lower one (or none) means the store itself went back.
+            reason = (f"the store's fencing token went back from {token} to {current or 'none'}: the store lost "
+                      f"acknowledged writes (restored from an older copy, or a replica without them promoted)")
+        else:
+            reason = (f"this scheduler's fencing token {token} is out of date (the store's is {current}): "
+                      f"another scheduler took the run over")
+        super().__init__(reason)
+        self.token = token
+
+
+class StateConflict(RuntimeError):
+    """save_state found another revision of the state than the one it was to replace.
+
+    The store went backwards (restored from an older snapshot, a lagging
+    replica promoted, a flushed database) or somebody else wrote the state.
+    """
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(f"the store holds state revision {found}, not the revision {expected} this scheduler "
+                         f"last wrote")
+        self.expected, self.found = expected, found
+
+
+@dataclass(frozen=True)
+class LeaderClaim:
+    """The answer to acquire_leadership."""
+
+    acquired: bool
+    token: int  # this handle's fencing token when acquired, else 0
+    holder: str  # who holds the run now
+    expires_in_s: float  # how long the holder's lease runs unless renewed
+
+
 class StoreUnavailable(ConnectionError):
     """The store's server cannot be reached right now; the call may be retried.
 
@@ -104,12 +148,38 @@ class StoreUnavailable(ConnectionError):
 class Store(ABC):
     """What the scheduler needs from a store. All methods are thread-safe."""
 
+    # --- leadership: one scheduler acts on a run at a time ---
+    @abstractmethod
+    def acquire_leadership(self, holder: str, ttl_s: float) -> LeaderClaim:
+        """Take the run's leader lease for `holder` unless another holder's lease still runs.
+
+        On success the store's fencing token goes up by one and this handle
+        carries the new token: from then on every state-changing call of
+        every handle with an older token raises StoreFenced. A handle that
+        never acquired writes unfenced (tests, tools).
+        """
+
+    @abstractmethod
+    def renew_leadership(self, ttl_s: float) -> None:
+        """Extend this handle's lease by ttl_s from now; StoreFenced if another scheduler took over."""
+
+    @abstractmethod
+    def release_leadership(self) -> None:
+        """Give the lease up now (a clean shutdown), so a successor need not wait for it to expire."""
+
     # --- the scheduler's state document (plain JSON-able dict) ---
     @abstractmethod
     def load_state(self) -> dict | None: ...
 
     @abstractmethod
-    def save_state(self, state: dict) -> None: ...
+    def save_state(self, state: dict, expected_revision: int | None = None) -> None:
+        """Replace the state document. With `expected_revision`, atomically check first that
+        the stored document's "revision" (0 when there is none) is that one, else raise
+        StateConflict; the new document's "revision" is stored with it."""
+
+    @abstractmethod
+    def state_revision(self) -> int:
+        """The stored state document's "revision" (0 when there is no document or it has none)."""
 
     # --- per-question statistics and ranks ---
     @abstractmethod
@@ -161,10 +231,13 @@ class Store(ABC):
         """The leased tasks, earliest expiry first."""
 
     @abstractmethod
-    def complete(self, task_id: str, group: bytes, rewards: Sequence[float]) -> SubmitResult:
+    def complete(self, task_id: str, group: bytes, rewards: Sequence[float], lease: tuple[str, str] | None = None
+                 ) -> SubmitResult:
         """Mark a task done, keep its group (opaque bytes) and add its rewards to the question's
         statistics, all at once; completing a finished (done or failed) task is a
-        DUPLICATE and changes nothing."""
+        DUPLICATE and changes nothing. With `lease` = (replica id, lease id), a task
+        not leased under that lease by that replica at that instant is STALE and
+        changes nothing (its lease ran out, or was handed to another replica)."""
 
     @abstractmethod
     def task(self, task_id: str) -> TaskRecord | None: ...
@@ -200,6 +273,14 @@ class Store(ABC):
 
 
 # --- input checks shared by both backends, so they reject the same things ---
+
+
+def revision_of(state: dict) -> int:
+    """A state document's "revision": a non-negative int, 0 when absent (documents written before revisions)."""
+    revision = state.get("revision", 0)
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        raise ValueError(f"state revision must be a non-negative integer, got {revision!r}")
+    return revision
 
 
 def check_plan(step: int, tasks: Sequence[TaskRecord]) -> None:

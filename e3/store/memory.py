@@ -7,6 +7,12 @@ rewrites it atomically on `save_state` and `close`, so a restarted scheduler
 resumes where the last save left it. Groups are the caller's bytes, kept
 as they came (base64 in the snapshot). Work completed after the last save is
 lost on a crash; this backend is for tests and single-machine runs.
+
+Leadership: a store in memory has exactly one process by construction, so
+acquire_leadership always succeeds (token 1). A snapshot file could be
+opened by a second scheduler process, though, so the store holds an
+exclusive lock (fcntl.flock on `<snapshot>.lock`) from opening to close,
+and a second process fails to open it with a message naming the holder.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import tempfile
@@ -29,7 +36,9 @@ from e3.core.difficulty import QuestionStats
 from e3.store.base import (
     FailOutcome,
     FailResult,
+    LeaderClaim,
     RenewResult,
+    StateConflict,
     StepAlreadyPlanned,
     Store,
     StoreCounters,
@@ -40,6 +49,7 @@ from e3.store.base import (
     check_plan,
     encode_completion,
     failure_record,
+    revision_of,
 )
 
 SNAPSHOT_FORMAT = "e3-memory-store"
@@ -68,21 +78,47 @@ class MemoryStore(Store):
         self._leases: dict[str, float] = {}  # task id -> lease expiry
         self._expiries = 0
         self._duplicates = 0
-        if self._path is not None and self._path.exists():
-            self._load(self._path)
+        self._lock_file = None
+        if self._path is not None:
+            self._lock_file = _lock_snapshot(self._path)
+            if self._path.exists():
+                try:
+                    self._load(self._path)
+                except BaseException:
+                    self._lock_file.close()
+                    raise
+
+    # --- leadership: one process holds the store, so it always leads ---
+    def acquire_leadership(self, holder: str, ttl_s: float) -> LeaderClaim:
+        return LeaderClaim(True, 1, holder, float(ttl_s))
+
+    def renew_leadership(self, ttl_s: float) -> None:
+        return None
+
+    def release_leadership(self) -> None:
+        return None
 
     # --- state, statistics, ranks ---
     def load_state(self) -> dict | None:
         with self._lock:
             return None if self._state_json is None else json.loads(self._state_json)
 
-    def save_state(self, state: dict) -> None:
+    def save_state(self, state: dict, expected_revision: int | None = None) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        revision_of(state)
         text = json.dumps(state)
         with self._lock:
+            if expected_revision is not None:
+                found = 0 if self._state_json is None else revision_of(json.loads(self._state_json))
+                if found != expected_revision:
+                    raise StateConflict(expected_revision, found)
             self._state_json = text
             self._write_snapshot()
+
+    def state_revision(self) -> int:
+        with self._lock:
+            return 0 if self._state_json is None else revision_of(json.loads(self._state_json))
 
     def stats(self, question_ids: Sequence[str]) -> dict[str, QuestionStats]:
         with self._lock:
@@ -195,7 +231,8 @@ class MemoryStore(Store):
         with self._lock:
             return [dataclasses.replace(self._tasks[t]) for _, t in sorted((e, t) for t, e in self._leases.items())]
 
-    def complete(self, task_id: str, group: bytes, rewards: Sequence[float]) -> SubmitResult:
+    def complete(self, task_id: str, group: bytes, rewards: Sequence[float], lease: tuple[str, str] | None = None
+                 ) -> SubmitResult:
         group_bytes, count, total = encode_completion(group, rewards)
         with self._lock:
             task = self._tasks.get(task_id)
@@ -205,6 +242,8 @@ class MemoryStore(Store):
             if task.status in (TaskStatus.DONE, TaskStatus.FAILED):
                 self._duplicates += 1
                 return SubmitResult(SubmitOutcome.DUPLICATE, *self._progress(task.step))
+            if lease is not None and (task.status != TaskStatus.LEASED or (task.leased_by, task.lease_id) != lease):
+                return SubmitResult(SubmitOutcome.STALE, *self._progress(task.step))
             # A task whose lease ran out sits in the queue again; take it out.
             if task.status == TaskStatus.PENDING:
                 self._queue.remove(task_id)
@@ -265,6 +304,9 @@ class MemoryStore(Store):
     def close(self) -> None:
         with self._lock:
             self._write_snapshot()
+            if self._lock_file is not None:
+                self._lock_file.close()  # closing the descriptor drops the flock
+                self._lock_file = None
 
     # --- the snapshot ---
     def _write_snapshot(self) -> None:
@@ -360,6 +402,25 @@ class MemoryStore(Store):
         pending = {t for t, task in self._tasks.items() if task.status == TaskStatus.PENDING}
         if len(self._queue) != len(set(self._queue)) or set(self._queue) != pending:
             raise ValueError("'queue' must hold each pending task exactly once")
+
+
+def _lock_snapshot(path: Path):
+    """Hold `<path>.lock` exclusively for this process, or fail naming the process that holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".lock"), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise SnapshotError(f"store snapshot {path} is in use by {holder}: one scheduler per snapshot "
+                            f"(stop the other, or use a Redis store)") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"scheduler pid {os.getpid()}")
+    lock.flush()
+    return lock
 
 
 def _group_v1(group: object, task_id: str) -> bytes:

@@ -135,7 +135,7 @@ redis.call('HSET', prefix .. 'step:' .. step .. ':failed', id, cjson.encode({
 return {'failed', failures, finished(step), planned}
 """
 
-# ARGV: prefix, task id, group bytes, reward count, reward sum.
+# ARGV: prefix, task id, group bytes, reward count, reward sum, replica id and lease id ('' '' = unchecked).
 COMPLETE = """
 local prefix, id = ARGV[1], ARGV[2]
 """ + FINISHED + """
@@ -147,6 +147,10 @@ local planned = redis.call('LLEN', prefix .. 'step:' .. step .. ':tasks')
 if status == 'done' or status == 'failed' then
   redis.call('HINCRBY', prefix .. 'counters', 'duplicates', 1)
   return {'duplicate', finished(step), planned}
+end
+if ARGV[6] ~= '' then
+  local held, by = unpack(redis.call('HMGET', key, 'lease_id', 'leased_by'))
+  if status ~= 'leased' or by ~= ARGV[6] or held ~= ARGV[7] then return {'stale', finished(step), planned} end
 end
 -- A task whose lease ran out sits in the queue again; take it out.
 if status == 'pending' then redis.call('LREM', prefix .. 'queue', 1, id) end
@@ -173,4 +177,66 @@ end
 redis.call('DEL', tasks, prefix .. 'step:' .. step .. ':groups', prefix .. 'step:' .. step .. ':failed')
 redis.call('SREM', prefix .. 'steps', step)
 return 1
+"""
+
+# --- fencing (e3.store.redis_store: leadership) ---------------------------
+
+# Prepended to every state-changing script. The caller passes its fencing
+# token as ARGV[2] ('' for a handle that never acquired leadership); the
+# guard takes it out of ARGV, so each script reads its own arguments as
+# documented. Checking the token inside the script makes check and write one
+# atomic step: a scheduler that lost the run cannot slip a write in after
+# its successor's INCR.
+FENCE_GUARD = """
+local fence_token = table.remove(ARGV, 2)
+if fence_token ~= '' then
+  local current = redis.call('GET', ARGV[1] .. 'fence')
+  if current ~= fence_token then return redis.error_reply('E3FENCED ' .. tostring(current)) end
+end
+"""
+
+# ARGV: prefix, holder, ttl ms. The leader key holds "<token> <holder>" and
+# expires unless renewed; the fence counter only ever goes up.
+ACQUIRE_LEADER = """
+local prefix, holder = ARGV[1], ARGV[2]
+local current = redis.call('GET', prefix .. 'leader')
+if current then
+  local who = string.match(current, '^%d+ (.*)$')
+  if who ~= holder then return {'held', who or current, redis.call('PTTL', prefix .. 'leader')} end
+end
+local token = redis.call('INCR', prefix .. 'fence')
+redis.call('SET', prefix .. 'leader', token .. ' ' .. holder, 'PX', ARGV[3])
+return {'acquired', tostring(token), tonumber(ARGV[3])}
+"""
+
+# ARGV: prefix, token, holder, ttl ms. Renewal is allowed as long as nobody
+# took a newer token, even if the key itself ran out meanwhile (a paused
+# process whose lease expired but which no successor replaced is still the
+# only scheduler).
+RENEW_LEADER = """
+local prefix, token = ARGV[1], ARGV[2]
+local current = redis.call('GET', prefix .. 'fence')
+if current ~= token then return {'fenced', tostring(current)} end
+redis.call('SET', prefix .. 'leader', token .. ' ' .. ARGV[3], 'PX', ARGV[4])
+return {'ok', token}
+"""
+
+# ARGV: prefix, token.
+RELEASE_LEADER = """
+local prefix, token = ARGV[1], ARGV[2]
+local current = redis.call('GET', prefix .. 'leader')
+if current and string.match(current, '^(%d+) ') == token then redis.call('DEL', prefix .. 'leader') end
+return 1
+"""
+
+# ARGV: prefix, expected revision ('' = do not check), new revision, document.
+SAVE_STATE = """
+local prefix = ARGV[1]
+if ARGV[2] ~= '' then
+  local found = redis.call('GET', prefix .. 'state:revision') or '0'
+  if found ~= ARGV[2] then return {'conflict', found} end
+end
+redis.call('SET', prefix .. 'state', ARGV[4])
+redis.call('SET', prefix .. 'state:revision', ARGV[3])
+return {'ok'}
 """

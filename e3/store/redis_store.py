@@ -15,6 +15,14 @@ database:
     P queue               list    task ids waiting for a replica, front first
     P leases              zset    leased task ids scored by lease expiry
     P counters            hash    lease_expiries, duplicates
+    P state:revision      string  the state document's "revision", set with it
+    P fence               string  the fencing token, INCR'd by each new leader
+    P leader              string  "<token> <holder>", expiring unless renewed
+
+Fencing: a scheduler takes the leader key (acquire_leadership) and with it a
+new fencing token; every state-changing script, and the state and ranks
+writes, first check that the token is still the store's, in the same atomic
+step, and refuse with StoreFenced otherwise.
 
 Connections: redis:// or rediss:// (TLS) URLs, with the password in the URL
 or passed as an option (the scheduler's `store_password` setting); redis-py
@@ -52,8 +60,11 @@ from e3.store import redis_scripts as lua
 from e3.store.base import (
     FailOutcome,
     FailResult,
+    LeaderClaim,
     RenewResult,
+    StateConflict,
     StepAlreadyPlanned,
+    StoreFenced,
     Store,
     StoreUnavailable,
     StoreCounters,
@@ -63,6 +74,7 @@ from e3.store.base import (
     TaskStatus,
     check_plan,
     encode_completion,
+    revision_of,
 )
 
 _TASK_TYPES = typing.get_type_hints(TaskRecord)
@@ -87,6 +99,7 @@ _REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError, r
             redis.exceptions.TryAgainError)
 _REFUSED_PREFIXES = ("BUSY ", "LOADING ", "MASTERDOWN ", "NOREPLICAS ", "TRYAGAIN ")
 REFUSED_ATTEMPTS = 4  # waits of 0.05, 0.1, 0.2 s between them
+_FENCED = "E3FENCED"  # the error reply of redis_scripts.FENCE_GUARD
 
 
 def _refused(exc: BaseException) -> bool:
@@ -105,6 +118,8 @@ def _translate_errors(method):
         except _TRANSIENT as exc:
             raise RedisUnavailable(f"Redis at {self.url} failed during {method.__name__}: {exc}") from exc
         except redis.ResponseError as exc:
+            if str(exc).startswith(_FENCED):
+                raise StoreFenced(self._token, str(exc)[len(_FENCED):].strip()) from None
             if not _refused(exc):
                 raise
             raise RedisUnavailable(f"Redis at {self.url} refused {method.__name__} {REFUSED_ATTEMPTS} times: "
@@ -146,24 +161,67 @@ class RedisStore(Store):
             self._raw = redis.Redis.from_url(url, decode_responses=False, **options)  # groups are binary
         except (redis.RedisError, ValueError, OSError) as exc:
             raise RedisUnavailable(f"cannot use Redis at {self.url}: {exc}") from exc
-        self._plan = self._r.register_script(lua.PLAN_STEP)
-        self._lease = self._r.register_script(lua.LEASE)
-        self._expire = self._r.register_script(lua.EXPIRE)
-        self._complete = self._r.register_script(lua.COMPLETE)
-        self._drop = self._r.register_script(lua.DROP_STEP)
-        self._release = self._r.register_script(lua.RELEASE)
-        self._renew = self._r.register_script(lua.RENEW)
-        self._fail = self._r.register_script(lua.FAIL)
+        self._token = 0  # this handle's fencing token; 0: never acquired, writes unfenced
+        self._holder = ""
+        fenced = self._fenced_script
+        self._plan = fenced(lua.PLAN_STEP)
+        self._lease = fenced(lua.LEASE)
+        self._expire = fenced(lua.EXPIRE)
+        self._complete = fenced(lua.COMPLETE)
+        self._drop = fenced(lua.DROP_STEP)
+        self._release = fenced(lua.RELEASE)
+        self._renew = fenced(lua.RENEW)
+        self._fail = fenced(lua.FAIL)
+        self._save_state = fenced(lua.SAVE_STATE)
+        self._acquire_leader = self._r.register_script(lua.ACQUIRE_LEADER)
+        self._renew_leader = self._r.register_script(lua.RENEW_LEADER)
+        self._release_leader = self._r.register_script(lua.RELEASE_LEADER)
+
+    def _fenced_script(self, body: str):
+        """A script behind the fence guard, called as script(args=[prefix, ...]) like the unguarded ones."""
+        script = self._r.register_script(lua.FENCE_GUARD + body)
+
+        def call(args: list):
+            return script(args=[args[0], str(self._token) if self._token else "", *args[1:]])
+        return call
+
+    # --- leadership ---
+    def acquire_leadership(self, holder: str, ttl_s: float) -> LeaderClaim:
+        if not holder:
+            raise ValueError("holder must be a non-empty name")
+        reply = self._acquire_leader(args=[self._p, holder, _ms(ttl_s)])
+        if reply[0] != "acquired":
+            return LeaderClaim(False, 0, str(reply[1]), max(int(reply[2]), 0) / 1000.0)
+        self._token, self._holder = int(reply[1]), holder
+        return LeaderClaim(True, self._token, holder, float(ttl_s))
+
+    def renew_leadership(self, ttl_s: float) -> None:
+        if not self._token:
+            raise ValueError("renew_leadership before acquire_leadership")
+        reply = self._renew_leader(args=[self._p, str(self._token), self._holder, _ms(ttl_s)])
+        if reply[0] != "ok":
+            raise StoreFenced(self._token, str(reply[1]))
+
+    def release_leadership(self) -> None:
+        if self._token:
+            self._release_leader(args=[self._p, str(self._token)])
 
     # --- state, statistics, ranks ---
     def load_state(self) -> dict | None:
         text = self._r.get(self._p + "state")
         return None if text is None else json.loads(text)
 
-    def save_state(self, state: dict) -> None:
+    def save_state(self, state: dict, expected_revision: int | None = None) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        self._r.set(self._p + "state", json.dumps(state))
+        revision = revision_of(state)
+        expected = "" if expected_revision is None else str(int(expected_revision))
+        reply = self._save_state(args=[self._p, expected, str(revision), json.dumps(state)])
+        if reply[0] == "conflict":
+            raise StateConflict(int(expected_revision), int(reply[1]))
+
+    def state_revision(self) -> int:
+        return int(self._r.get(self._p + "state:revision") or 0)
 
     def stats(self, question_ids: Sequence[str]) -> dict[str, QuestionStats]:
         ids = list(question_ids)
@@ -184,11 +242,26 @@ class RedisStore(Store):
         return {q: QuestionStats(int(a), float(rewards[q])) for q, a in attempts.items()}
 
     def save_ranks(self, ranks: dict[str, float]) -> None:
-        pipe = self._r.pipeline(transaction=True)  # readers never see half old, half new
-        pipe.delete(self._p + "ranks")
-        if ranks:
-            pipe.hset(self._p + "ranks", mapping={str(q): repr(float(r)) for q, r in ranks.items()})
-        pipe.execute()
+        mapping = {str(q): repr(float(r)) for q, r in ranks.items()}
+        fence = self._p + "fence"
+        with self._r.pipeline(transaction=True) as pipe:
+            # WATCH the fence, check it, then MULTI: a successor's INCR in between aborts the
+            # write (WatchError), and the check below then reports the takeover.
+            for _ in range(3):
+                try:
+                    pipe.watch(fence)
+                    current = pipe.get(fence)
+                    if self._token and current != str(self._token):
+                        raise StoreFenced(self._token, str(current))
+                    pipe.multi()  # readers never see half old, half new
+                    pipe.delete(self._p + "ranks")
+                    if mapping:
+                        pipe.hset(self._p + "ranks", mapping=mapping)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+            raise StoreFenced(self._token, str(self._r.get(fence)))
 
     def ranks(self) -> dict[str, float]:
         return {q: float(r) for q, r in self._r.hgetall(self._p + "ranks").items()}
@@ -239,9 +312,14 @@ class RedisStore(Store):
         # A task completed between the two reads has left the leases: skip it.
         return [t for t in map(_task_or_none, pipe.execute()) if t is not None and t.status == TaskStatus.LEASED]
 
-    def complete(self, task_id: str, group: bytes, rewards: Sequence[float]) -> SubmitResult:
+    def complete(self, task_id: str, group: bytes, rewards: Sequence[float], lease: tuple[str, str] | None = None
+                 ) -> SubmitResult:
         group_bytes, count, total = encode_completion(group, rewards)
-        outcome, done, planned = self._complete(args=[self._p, task_id, group_bytes, count, repr(total)])
+        replica, lease_id = lease if lease is not None else ("", "")
+        if lease is not None and not replica:
+            raise ValueError("a lease to check names its replica")
+        outcome, done, planned = self._complete(args=[self._p, task_id, group_bytes, count, repr(total), replica,
+                                                      lease_id])
         return SubmitResult(SubmitOutcome(outcome), int(done), int(planned))
 
     def task(self, task_id: str) -> TaskRecord | None:
@@ -290,6 +368,11 @@ class RedisStore(Store):
 
 for _name in Store.__abstractmethods__:
     setattr(RedisStore, _name, _translate_errors(getattr(RedisStore, _name)))
+
+
+def _ms(seconds: float) -> str:
+    """A lease length as whole milliseconds for Redis's PX, at least 1."""
+    return str(max(int(round(float(seconds) * 1000)), 1))
 
 
 def _task_to_text(task: TaskRecord) -> list[str]:

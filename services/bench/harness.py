@@ -29,12 +29,26 @@ class NullTrainer:
             scheduler_address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         self.stub = pb_grpc.SchedulerStub(self.channel)
         self.metadata = call_metadata(token)
+        self._epoch = 0  # the trainer epoch, taken at the first call (RegisterTrainer)
+
+    def epoch(self) -> int:
+        """This harness's trainer epoch, registering (and superseding any other trainer) on first use."""
+        while not self._epoch:
+            try:
+                self._epoch = self.stub.RegisterTrainer(pb.TrainerRegistration(trainer_id="bench"),
+                                                        metadata=self.metadata, timeout=60).epoch
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(0.05)  # the scheduler is still starting
+        return self._epoch
 
     def wait_batch(self, step: int, timeout_s: float = 600.0) -> tuple[list, float]:
         """The step's groups, and the perf_counter time its first chunk arrived (the step was then complete)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            request = pb.BatchRequest(trainer_id="bench", step=step, wait_s=5.0, max_groups_per_chunk=256)
+            request = pb.BatchRequest(trainer_id="bench", trainer_epoch=self.epoch(), step=step, wait_s=5.0,
+                                      max_groups_per_chunk=256)
             try:
                 groups, first = [], None
                 for chunk in self.stub.StreamBatch(request, metadata=self.metadata, timeout=60):
@@ -49,7 +63,7 @@ class NullTrainer:
 
     def report(self, step: int, version: int, weights_path: str = "") -> pb.StepAck:
         # Entropy is required to be positive; with temperature control off it moves nothing.
-        return self.stub.ReportStep(pb.StepReport(trainer_id="bench", step=step, entropy=1.0, loss=0.0,
+        return self.stub.ReportStep(pb.StepReport(trainer_id="bench", trainer_epoch=self.epoch(), step=step, entropy=1.0, loss=0.0,
                                                   new_policy_version=version, weights_path=weights_path),
                                     metadata=self.metadata, timeout=60)
 

@@ -28,7 +28,7 @@ ROLES = ("generation", "trainer", "operator")
 ENV = {role: f"E3_{role.upper()}_TOKEN" for role in ROLES}  # e3.config.SHORT_ENV
 GRPC_ROLES = {
     "LeaseTasks": "generation", "RenewLeases": "generation", "SubmitGroup": "generation",
-    "ReportTaskFailure": "generation", "StreamBatch": "trainer", "ReportStep": "trainer",
+    "ReportTaskFailure": "generation", "StreamBatch": "trainer", "ReportStep": "trainer", "RegisterTrainer": "trainer",
 }
 GRPC_SERVICE = "/e3.v1.Scheduler/"
 # The tokens each service's __main__ needs to start (and the only ones a deployment gives it).

@@ -11,7 +11,8 @@ never a flag, so it does not show up in process listings; without one it exits
 2 at once, unless auth.insecure_loopback is set and the scheduler, the reward
 service and --host are all loopback. With tls.ca_file it calls the scheduler
 and the reward service over TLS (services.common.tls). SIGTERM or SIGINT: stop
-leasing, submit the groups in flight, exit 0.
+leasing, submit the groups in flight, exit 0. A vLLM engine that dies: hand
+the leased tasks back, log why, exit 1 (services.generation.worker).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from e3.contracts import e3_pb2_grpc as pb_grpc
 from services.common.auth import SERVICE_ROLES, require_tokens
 from services.common.runtime import setup_logging
 from services.common.tls import grpc_channel, httpx_verify
-from services.generation.engine import EngineSettings, GenerationEngine
+from services.generation.engine import EngineDead, EngineSettings, GenerationEngine
 from services.common.http_thread import HttpServerThread
 from services.generation.http_api import create_app
 from services.generation.metrics import GenerationMetrics, ReplicaState
@@ -64,6 +65,7 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
     http_server.start()
     gen = config.generation
     engine = GenerationEngine(EngineSettings.from_config(gen, replica_seed(config.training.seed, args.replica_id)))
+    state.engine_failure = engine.failure  # /healthz fails from the moment the engine is dead
     channel = None
     try:
         start_s = engine.start(args.model_dir, version=args.policy_version)
@@ -82,7 +84,12 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
         )
         async with httpx.AsyncClient(verify=httpx_verify(config.tls)) as http:
             replica = Replica(engine, pb_grpc.SchedulerStub(channel), http, settings, metrics, state)
-            return await replica.run(stop)
+            try:
+                return await replica.run(stop)
+            except EngineDead as exc:
+                log.error("%s: the vLLM engine died (%s); %d leased tasks handed back to the scheduler; exiting 1 "
+                          "so that the replica is restarted", args.replica_id, exc, replica.handed_back)
+                raise
     finally:
         if channel is not None:
             await channel.close()
@@ -127,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
-    outcome = asyncio.run(serve(config, args, log))
+    try:
+        outcome = asyncio.run(serve(config, args, log))
+    except EngineDead:
+        sys.exit(1)  # logged by serve
     log.info("%s: exiting (%s)", args.replica_id, outcome)
 
 

@@ -17,6 +17,10 @@ Two vLLM settings carry the RL contract:
   `pause_generation` and `resume_generation`: the running engine copies the
   new tensors into its parameters, no restart, and the pause clears the
   prefix cache so no KV computed by the old weights is reused.
+
+An engine whose core process died (killed, out of memory, a crashed kernel)
+cannot recover in place: `failure` then names the cause, and the replica
+hands its leases back and exits so that its orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ MIN_TEMPERATURE = 0.01  # vllm.sampling_params._MAX_TEMP: lower values are clamp
 
 class PromptTooLong(ValueError):
     """The rendered prompt leaves no room for a response in the engine's context."""
+
+
+class EngineDead(RuntimeError):
+    """The vLLM engine can sample no more (its engine core process is gone); only a restart helps."""
 
 
 @dataclass
@@ -117,6 +125,8 @@ class GenerationEngine:
         self.max_model_len: int | None = None  # prompt + response tokens the engine holds
         self.loaded_version: int | None = None  # None until start() has loaded weights
         self.weights_path = ""
+        self._closing = False  # shutdown() stops the engine core on purpose: that is no failure
+        self._failure: str | None = None
 
     def start(self, model_dir: str | Path, version: int = 0) -> float:
         """Build the engine on `model_dir` as policy `version`; returns the seconds it took."""
@@ -141,6 +151,24 @@ class GenerationEngine:
         log.info("engine up on %s (policy version %d, max_model_len %d) in %.1fs",
                  model_dir, version, self.max_model_len, elapsed)
         return elapsed
+
+    def failure(self) -> str | None:
+        """Why the started engine can no longer sample, or None while it can; once set, it stays.
+
+        Read by the HTTP thread too (liveness): vLLM's own monitor thread marks
+        the client dead as soon as an engine core process exits, and AsyncLLM
+        counts as errored from then on, or once its output handler has failed.
+        """
+        llm = self.llm
+        if self._failure is None and llm is not None and not self._closing and llm.errored:
+            manager = getattr(llm.engine_core.resources, "engine_manager", None)
+            exits = manager.finished_procs() if hasattr(manager, "finished_procs") else {}
+            if exits:
+                codes = ", ".join(f"{name} exit code {code}" for name, code in sorted(exits.items()))
+                self._failure = f"the vLLM engine core process exited ({codes})"
+            else:
+                self._failure = "the vLLM engine core stopped answering (AsyncLLM errored)"
+        return self._failure
 
     def _require_started(self):
         if self.llm is None:
@@ -246,6 +274,8 @@ class GenerationEngine:
         return elapsed
 
     def shutdown(self) -> None:
+        self.failure()  # an engine that died before is still reported dead while the process exits
+        self._closing = True
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None

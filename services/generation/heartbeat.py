@@ -9,7 +9,9 @@ to another replica. Leases the scheduler reports lost (they expired, were
 released, or their task was finished elsewhere) are remembered so that their
 groups are not submitted: they would be refused or counted as duplicates.
 A renewal that fails (the scheduler is down) is retried on the same
-schedule, ever more often as the expiry comes closer.
+schedule, ever more often as the expiry comes closer: the opposite of a
+back-off (e3.retry), on purpose, since the last chance is the one before
+the expiry.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class LeaseKeeper:
     def __init__(self, stub, replica_id: str, metadata, rpc_timeout_s: float = 30.0) -> None:
         self.stub, self.replica_id, self.metadata, self.rpc_timeout_s = stub, replica_id, metadata, rpc_timeout_s
         self._held: dict[str, tuple[str, float]] = {}  # task id -> (lease id, expiry in unix seconds)
+        self._tasks: dict[str, pb.RolloutTask] = {}  # the held tasks themselves, to hand back
         self._lost: set[str] = set()
         self._changed = asyncio.Event()
         self.renewals = 0  # RenewLeases calls answered
@@ -43,6 +46,7 @@ class LeaseKeeper:
         """Start renewing these leased tasks."""
         for task in tasks:
             self._held[task.task_id] = (task.lease_id, task.lease_expires_at)
+            self._tasks[task.task_id] = task
             self._lost.discard(task.task_id)
         self._changed.set()
 
@@ -50,7 +54,12 @@ class LeaseKeeper:
         """Stop renewing these tasks (submitted, reported failed, or given up)."""
         for task_id in task_ids:
             self._held.pop(task_id, None)
+            self._tasks.pop(task_id, None)
             self._lost.discard(task_id)
+
+    def held(self) -> list[pb.RolloutTask]:
+        """The tasks held and not lost, as leased (a lease this replica must hand back if it cannot finish it)."""
+        return [self._tasks[t] for t in self._held if t not in self._lost]
 
     def lost(self, task_id: str) -> bool:
         """True if the scheduler said this replica no longer holds the task's lease."""

@@ -1,5 +1,8 @@
 """A replica's HTTP face: /healthz, /readyz, /metrics.
 
+/healthz is liveness: it fails (503, with the reason) once the vLLM engine
+is dead, which only a restart cures; /readyz is readiness.
+
 It is served from its own thread (services.common.http_thread) so that health
 checks answer while the engine is starting (a blocking half minute on CPU)
 and however busy the sampling loop is.
@@ -19,10 +22,15 @@ from services.generation.metrics import GenerationMetrics, ReplicaState
 def create_app(state: ReplicaState, metrics: GenerationMetrics) -> FastAPI:
     app = FastAPI(title=f"e3 generation {metrics.replica_id}")
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
+    @app.get("/healthz", responses={503: {"description": "the engine is dead: restart the replica"}})
+    async def healthz(response: Response) -> dict:
         # The pid lets a supervisor (and the tests) tell a reload from a restart.
-        return {"status": "ok", "replica": metrics.replica_id, "pid": os.getpid()}
+        body = {"status": "ok", "replica": metrics.replica_id, "pid": os.getpid()}
+        failure = state.engine_failure()
+        if failure is not None:
+            response.status_code = 503
+            body |= {"status": "engine_dead", "reason": failure}
+        return body
 
     @app.get("/readyz", responses={503: {"description": "not ready yet (a probe answer, not a failure)"}})
     async def readyz(response: Response) -> dict:

@@ -7,6 +7,8 @@ ints and bools need no lock for that.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from e3 import metric_names
@@ -17,17 +19,20 @@ SYNC_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 
 
 class ReplicaState:
-    """What /readyz decides on."""
+    """What /healthz and /readyz decide on."""
 
     def __init__(self) -> None:
         self.model_loaded = False
         self.loaded_version: int | None = None
         self.scheduler_version: int | None = None  # as of the last lease reply
+        # Why the engine can sample no more, or None (GenerationEngine.failure, asked at each probe).
+        self.engine_failure: Callable[[], str | None] = lambda: None
 
     @property
     def ready(self) -> bool:
         return (
-            self.model_loaded
+            self.engine_failure() is None
+            and self.model_loaded
             and self.scheduler_version is not None
             and self.loaded_version == self.scheduler_version
         )

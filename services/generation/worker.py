@@ -23,7 +23,16 @@ it failed.
 Nothing is lost when something fails: a group that is not submitted keeps
 its lease until the lease expires (a dead replica renews nothing), and the
 scheduler then hands the task out again. So the loop never retries past a
-lease's expiry; it gives up, logs the reason, and moves on.
+lease's expiry; it gives up, logs the reason, and moves on. Every retry
+here is e3.retry's back-off.
+
+A vLLM engine that dies (its engine core process gone) cannot be healed in
+this process. A watch notices within ENGINE_CHECK_S (so does a sampling call
+that fails); the replica then leases nothing more, cancels the work in
+flight, reports every lease it holds (ReportTaskFailure, engine_error: the
+tasks go back to the queue at once) and raises EngineDead, so that the
+process exits non-zero and its orchestrator restarts it. /healthz fails
+from the same moment (services.generation.http_api).
 """
 
 from __future__ import annotations
@@ -38,18 +47,21 @@ import httpx
 
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
+from e3.retry import backoff_delays, retry_async
 from services.common.auth import call_metadata
-from services.generation.engine import Completion, GenerationEngine
+from services.generation.engine import Completion, EngineDead, GenerationEngine
 from services.generation.heartbeat import LeaseKeeper
 from services.generation.metrics import GenerationMetrics, ReplicaState
+from services.generation.retry_policy import FIRST_DELAY_S, MAX_DELAY_S, retryable_rpc
+from services.generation.scoring import RewardClient, RewardError
+from services.generation.submission import build_group, submit_group
 from services.generation.task_failures import report_failure
 
 log = logging.getLogger(__name__)
 
-# Codes that mean "the scheduler is down or busy right now", not "you are wrong".
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-FIRST_DELAY_S, MAX_DELAY_S = 0.25, 8.0
 MAX_SYNC_DELAY_S = 60.0  # between leases while weights cannot be loaded
+ENGINE_CHECK_S = 0.5  # how often the watch asks whether the engine is still alive
+HAND_BACK_TIMEOUT_S = 5.0  # per failure report of a dead engine's leases: the exit must not wait long
 
 
 @dataclass(frozen=True)
@@ -83,8 +95,8 @@ def task_messages(task: pb.RolloutTask) -> list[dict[str, str]]:
     return [{"role": "user", "content": task.prompt}]
 
 
-class RewardError(Exception):
-    """The reward service could not score a batch in time, or refused it."""
+class WeightsNotLoaded(Exception):
+    """One attempt to load the scheduler's policy failed (sync_weights logged why)."""
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -138,49 +150,97 @@ class Replica:
         self.engine, self.stub, self.http = engine, stub, http
         self.settings, self.metrics, self.state = settings, metrics, state
         self.metadata = call_metadata(settings.token)
-        self.auth_headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self.rewards = RewardClient(http, settings.reward_url, settings.token, settings.score_timeout_s, metrics)
         self.sampling_clock, self.scoring_clock = SharedClock(), SharedClock()
         self._in_flight: set[asyncio.Task] = set()
         self.leases = LeaseKeeper(stub, settings.replica_id, self.metadata, settings.rpc_timeout_s)
+        self.handed_back = 0  # leases reported back to the scheduler after the engine died
 
     async def run(self, stop: asyncio.Event) -> str:
-        """Work until `stop` is set; returns "finished" if the run ended first, else "stopped"."""
+        """Work until `stop` is set; returns "finished" if the run ended first, else "stopped".
+
+        Raises EngineDead, after handing back every lease held, once the engine has died.
+        """
         heartbeat = asyncio.create_task(self.leases.run(), name="lease-heartbeat")
+        working = asyncio.create_task(self._work_until(stop), name="lease-loop")
+        watch = asyncio.create_task(self._watch_engine(), name="engine-watch")
+        try:
+            await asyncio.wait({working, watch}, return_when=asyncio.FIRST_COMPLETED)
+            failure = self.engine.failure()
+            if failure is None:
+                return working.result()  # "stopped" or "finished", or what went wrong
+            await self._give_up_on_engine(working)
+            raise EngineDead(failure)
+        finally:
+            for task in (working, watch, heartbeat):
+                task.cancel()
+
+    async def _work_until(self, stop: asyncio.Event) -> str:
         try:
             return await self._lease_loop(stop)
         finally:
             # Not interrupted by `stop`: a SIGTERM lets the leased groups finish and be submitted.
-            try:
-                await self._drain()
-            finally:
-                heartbeat.cancel()
+            await self._drain()
+
+    async def _watch_engine(self) -> None:
+        """Return once the engine has died (a lease that is only waiting would not notice)."""
+        while self.engine.failure() is None:
+            await asyncio.sleep(ENGINE_CHECK_S)
+
+    async def _give_up_on_engine(self, working: asyncio.Task) -> None:
+        """Stop all work and report every lease held: nothing more can be sampled here."""
+        # Cancelled work keeps its leases held (_renewed_work) so that they are reported here.
+        for task in [working, *self._in_flight]:
+            task.cancel()
+        for result in await asyncio.gather(working, *self._in_flight, return_exceptions=True):
+            if isinstance(result, Exception) and not isinstance(result, EngineDead):
+                log.warning("with the engine dead, work in hand also failed: %s: %s", type(result).__name__, result)
+        self._in_flight.clear()
+        held = self.leases.held()
+        self.leases.release(t.task_id for t in held)
+        failure = EngineDead(self.engine.failure())
+        outcomes = await asyncio.gather(*(
+            report_failure(self.stub, self.metadata, self.settings.replica_id, t, failure, HAND_BACK_TIMEOUT_S)
+            for t in held))
+        self.handed_back = sum(1 for o in outcomes if o != "unreported")
+
+    async def _lease(self) -> pb.LeaseReply:
+        return await self.stub.LeaseTasks(
+            pb.LeaseRequest(
+                replica_id=self.settings.replica_id,
+                max_tasks=self.settings.max_tasks,
+                policy_version=self.engine.loaded_version or 0,
+                wait_s=self.settings.lease_wait_s,
+            ),
+            metadata=self.metadata,
+            timeout=self.settings.rpc_timeout_s,
+        )
 
     async def _lease_loop(self, stop: asyncio.Event) -> str:
-        delay = sync_delay = FIRST_DELAY_S
+        sync_delays = backoff_delays(FIRST_DELAY_S, MAX_SYNC_DELAY_S)
+
+        def retrying(exc: BaseException, delay: float) -> None:
+            log.warning("LeaseTasks: %s (%s); retrying in %.2fs", exc.code().name, exc.details(), delay)
+
         while not stop.is_set():
             self._reap()
+            if self.engine.failure() is not None:
+                raise EngineDead(self.engine.failure())  # lease nothing more; run() hands back what is held
             if len(self._in_flight) >= self.settings.leases_in_flight:
                 await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                reply = await self.stub.LeaseTasks(
-                    pb.LeaseRequest(
-                        replica_id=self.settings.replica_id,
-                        max_tasks=self.settings.max_tasks,
-                        policy_version=self.engine.loaded_version or 0,
-                        wait_s=self.settings.lease_wait_s,
-                    ),
-                    metadata=self.metadata,
-                    timeout=self.settings.rpc_timeout_s,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise  # a wrong token or a bad request: retrying cannot help
-                log.warning("LeaseTasks: %s (%s); retrying in %.2fs", exc.code().name, exc.details(), delay)
-                await sleep_unless(stop, delay)
-                delay = min(delay * 2, MAX_DELAY_S)
-                continue
-            delay = FIRST_DELAY_S
+                # Any code but these (a wrong token, a bad request) is raised: retrying cannot help.
+                reply = await retry_async(self._lease, retryable_rpc, first_delay_s=FIRST_DELAY_S,
+                                          max_delay_s=MAX_DELAY_S, stop=stop, on_retry=retrying)
+            except grpc.aio.AioRpcError:
+                if stop.is_set():
+                    break  # stopped while the scheduler could not be reached
+                raise
+            if self.engine.failure() is not None:
+                # Leased while the engine died: held, so that run() hands them back too.
+                self.leases.hold(reply.tasks)
+                raise EngineDead(self.engine.failure())
             self.state.scheduler_version = reply.policy_version
             self._publish_versions()
             if reply.policy_version != self.engine.loaded_version or reply.finished:
@@ -199,10 +259,9 @@ class Replica:
                 # The leased tasks, if any, expire and go back to the queue. Back
                 # off, so that a replica that cannot load weights does not keep
                 # leasing (and sitting on) tasks every second.
-                await sleep_unless(stop, sync_delay)
-                sync_delay = min(sync_delay * 2, MAX_SYNC_DELAY_S)
+                await sleep_unless(stop, next(sync_delays))
                 continue
-            sync_delay = FIRST_DELAY_S
+            sync_delays = backoff_delays(FIRST_DELAY_S, MAX_SYNC_DELAY_S)
             if not reply.tasks:
                 await sleep_unless(stop, reply.retry_after_s)
                 continue
@@ -230,25 +289,29 @@ class Replica:
     async def sync_until_deadline(self, reply: pb.LeaseReply, stop: asyncio.Event) -> bool:
         """Load the reply's policy, retrying while the leased tasks can still be submitted."""
         deadline = min((t.lease_expires_at for t in reply.tasks), default=0.0) - self.settings.lease_margin_s
-        delay = FIRST_DELAY_S
-        while True:
-            if await self.sync_weights(reply):
-                return True
-            # e.g. the weights directory is not visible on this machine yet.
-            if stop.is_set() or time.time() + delay > deadline:
-                return False
-            await sleep_unless(stop, delay)
-            delay = min(delay * 2, MAX_DELAY_S)
+
+        async def attempt() -> None:
+            if not await self.sync_weights(reply):
+                raise WeightsNotLoaded()  # e.g. the weights directory is not visible on this machine yet
+
+        try:
+            await retry_async(attempt, lambda exc: isinstance(exc, WeightsNotLoaded), first_delay_s=FIRST_DELAY_S,
+                              max_delay_s=MAX_DELAY_S, deadline=lambda: deadline, stop=stop)
+        except WeightsNotLoaded:
+            return False
+        return True
 
     async def sync_weights(self, reply: pb.LeaseReply) -> bool:
-        """Load the scheduler's policy version in place; False when that failed."""
+        """Load the scheduler's policy version in place; False when that failed (EngineDead if the engine died)."""
         version, path = reply.policy_version, reply.weights_path
         if not path:
             log.error("the scheduler serves policy version %d but names no weights_path; cannot load it", version)
             return False
         try:
             seconds = await self.engine.update_weights(path, version)
-        except Exception:  # noqa: BLE001 - a bad directory must not kill the replica; the next lease retries
+        except Exception as exc:  # noqa: BLE001 - a bad directory must not kill the replica; the next lease retries
+            if self.engine.failure() is not None:
+                raise EngineDead(self.engine.failure()) from exc  # a dead engine, though, kills it
             log.exception("loading policy version %d from %s failed", version, path)
             return False
         finally:
@@ -264,8 +327,12 @@ class Replica:
         self.leases.hold(t for t in tasks if t.task_id in held)
         try:
             await self.work(tasks)
-        finally:
-            self.leases.release(held)
+        except BaseException:
+            if self.engine.failure() is None:
+                self.leases.release(held)
+            # else: still held, for run() to hand back
+            raise
+        self.leases.release(held)
 
     async def _report_failure(self, task: pb.RolloutTask, exc: BaseException) -> None:
         # Reported, the task is no longer this replica's: stop renewing it first.
@@ -295,6 +362,9 @@ class Replica:
             )
         finally:
             generate_s = self.sampling_clock.stop(key)
+        if self.engine.failure() is not None and any(isinstance(r, BaseException) for r in results):
+            # Not the tasks' fault: run() reports them all, once, as the dead engine's.
+            raise EngineDead(self.engine.failure())
         sampled: list[tuple[pb.RolloutTask, list[Completion]]] = []
         for task, result in zip(tasks, results):
             if isinstance(result, BaseException):
@@ -318,8 +388,10 @@ class Replica:
         for task, completions in sampled:
             group_verdicts = verdicts[offset : offset + len(completions)]
             offset += len(completions)
-            group = self._group(task, completions, group_verdicts, version, generate_s, score_s)
-            submissions.append(self.submit(group, deadline))
+            group = build_group(task, self.settings.replica_id, completions, group_verdicts, version, generate_s, score_s)
+            submissions.append(submit_group(self.stub, self.metadata, self.leases, group,
+                                            lambda t=group.task_id: self._deadline([t], deadline),
+                                            self.settings.rpc_timeout_s))
         await asyncio.gather(*submissions)
         samples = sum(len(cs) for _, cs in sampled)
         log.info(
@@ -328,85 +400,12 @@ class Replica:
         )
 
     async def score(self, sampled: list[tuple[pb.RolloutTask, list[Completion]]], deadline: float) -> list[dict]:
-        """Verdicts for every completion, in order; retried with back-off until `deadline`
-        or, while the heartbeat renews their leases, their later expiry."""
+        """Verdicts for every completion, in order; retried until `deadline` or, while the
+        heartbeat renews their leases, their later expiry (services.generation.scoring)."""
         items = [
             {"verifier": task.verifier, "response": c.text, "ground_truth": task.ground_truth}
             for task, completions in sampled
             for c in completions
         ]
-        url = self.settings.reward_url.rstrip("/") + "/v1/score"
         task_ids = [task.task_id for task, _ in sampled]
-        delay = FIRST_DELAY_S
-        while True:
-            try:
-                response = await self.http.post(
-                    url, json={"items": items}, headers=self.auth_headers, timeout=self.settings.score_timeout_s
-                )
-                if response.status_code < 500:
-                    if response.status_code != 200:
-                        raise RewardError(f"reward service refused the batch: HTTP {response.status_code} {response.text[:300]}")
-                    verdicts = response.json()["verdicts"]
-                    if len(verdicts) != len(items):
-                        raise RewardError(f"reward service returned {len(verdicts)} verdicts for {len(items)} items")
-                    return verdicts
-                problem = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            remaining = self._deadline(task_ids, deadline) - time.time()
-            if remaining <= 0:
-                raise RewardError(f"reward service at {url} still failing at the lease deadline ({problem})")
-            self.metrics.reward_retry()
-            log.warning("reward service at %s: %s; retrying in %.2fs", url, problem, min(delay, remaining))
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, MAX_DELAY_S)
-
-    def _group(self, task, completions, verdicts, version, generate_s, score_s) -> pb.GroupResult:
-        return pb.GroupResult(
-            task_id=task.task_id,
-            lease_id=task.lease_id,
-            replica_id=self.settings.replica_id,
-            policy_version=version,  # the version that sampled it, equal to the task's
-            temperature=task.temperature,  # echoed exactly; the scheduler compares it
-            samples=[
-                pb.Sample(
-                    prompt_token_ids=c.prompt_token_ids,
-                    response_token_ids=c.response_token_ids,
-                    response_logprobs=c.response_logprobs,
-                    text=c.text,
-                    reward=float(v["reward"]),
-                    reward_reason=v.get("reason") or "",
-                    finish_reason=c.finish_reason,
-                )
-                for c, v in zip(completions, verdicts)
-            ],
-            generate_s=generate_s,
-            score_s=score_s,
-        )
-
-    async def submit(self, group: pb.GroupResult, deadline: float) -> None:
-        delay = FIRST_DELAY_S
-        while True:
-            if self.leases.lost(group.task_id):
-                log.warning("group %s not submitted: its lease was lost", group.task_id)
-                return
-            try:
-                reply = await self.stub.SubmitGroup(group, metadata=self.metadata, timeout=self.settings.rpc_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code in RETRYABLE and time.time() + delay < self._deadline([group.task_id], deadline):
-                    log.warning("SubmitGroup %s: %s; retrying in %.2fs", group.task_id, code.name, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, MAX_DELAY_S)
-                    continue
-                if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    # The policy moved on; the next lease reply names the new weights and we load them.
-                    log.warning("group %s refused as stale, dropped: %s", group.task_id, exc.details())
-                elif code == grpc.StatusCode.NOT_FOUND:
-                    log.warning("group %s dropped: %s", group.task_id, exc.details())
-                else:
-                    log.error("SubmitGroup %s failed, group dropped: %s %s", group.task_id, code.name, exc.details())
-                return
-            if reply.duplicate:
-                log.info("group %s was already submitted (duplicate)", group.task_id)
-            return
+        return await self.rewards.score(items, lambda: self._deadline(task_ids, deadline))

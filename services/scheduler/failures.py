@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.scheduler.messages import SchedulerError
+from services.scheduler.run_state import RunState
 
 # The codes a replica may report; a fixed set, so that the Prometheus label stays small.
 REASONS = ("prompt_too_long", "engine_error", "reward_error")
@@ -48,14 +49,14 @@ def check_failure(report: TaskFailureReport) -> None:
             "invalid_argument", f"detail must be at most {MAX_DETAIL_CHARS} characters, got {len(report.detail)}")
 
 
-def absorb_step_failures(state: dict, step: int, failed: list[dict]) -> None:
-    """Add a trained step's failed tasks to the run's record in `state` (the state document)."""
+def absorb_step_failures(state: RunState, step: int, failed: list[dict]) -> None:
+    """Add a trained step's failed tasks to the run's record in `state`."""
     if not failed:
         return
-    state["tasks_failed"] = state.get("tasks_failed", 0) + len(failed)
-    state["failed_tasks"] = (state.get("failed_tasks", []) + [{"step": step} | f for f in failed])[-FAILED_HISTORY:]
+    state.tasks_failed += len(failed)
+    state.failed_tasks = (state.failed_tasks + [{"step": step} | f for f in failed])[-FAILED_HISTORY:]
 
 
-def failed_tasks_view(state: dict, step: int, current: list[dict]) -> list[dict]:
+def failed_tasks_view(state: RunState, step: int, current: list[dict]) -> list[dict]:
     """The run's failed tasks, oldest first: those of trained steps, then the current step's."""
-    return list(state.get("failed_tasks", [])) + [{"step": step} | f for f in current]
+    return list(state.failed_tasks) + [{"step": step} | f for f in current]

@@ -22,7 +22,7 @@ import grpc
 from e3.config import TLSConfig
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
-from e3.store import StoreUnavailable
+from e3.store import StoreFenced, StoreUnavailable
 from e3.tasks.prompts import chat_messages
 from services.common.auth import RoleInterceptor, RoleTokens, is_loopback, weights_path_problem
 from services.common.grpc_guard import MalformedRequestGuard
@@ -74,8 +74,17 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     def _call(self, context, fn, *args):
         try:
             return fn(*args)
+        except StoreFenced as exc:
+            self.engine.halt(str(exc))
+            _abort(context, exc)
         except (SchedulerError, StoreUnavailable) as exc:
             _abort(context, exc)
+
+    def RegisterTrainer(self, request: pb.TrainerRegistration, context) -> pb.TrainerEpoch:
+        _within(context, (limits.check_bytes, "trainer_id", request.trainer_id, limits.MAX_ID_BYTES))
+        _require(bool(request.trainer_id), "trainer_id must be non-empty", context)
+        return pb.TrainerEpoch(epoch=self._call(context, self.engine.register_trainer, request.trainer_id,
+                                                request.epoch))
 
     def LeaseTasks(self, request: pb.LeaseRequest, context) -> pb.LeaseReply:
         _within(context, (limits.check_id, "replica_id", request.replica_id))
@@ -138,7 +147,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                  f"max_chunk_bytes must be at most the scheduler's gRPC message limit of {self.max_message_bytes} "
                  f"bytes, got {request.max_chunk_bytes}", context)
         _within(context, (limits.check_bytes, "trainer_id", request.trainer_id, limits.MAX_ID_BYTES))
-        batch = self._wait_for_batch(request.step, request.wait_s, context)
+        batch = self._wait_for_batch(request.step, request.wait_s, request.trainer_epoch, context)
         try:
             chunks = batch_chunks(batch, request.max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES,
                                   request.max_groups_per_chunk or DEFAULT_MAX_GROUPS_PER_CHUNK, self.max_message_bytes)
@@ -146,21 +155,24 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"step {request.step}: {exc}")
         yield from chunks
 
-    def _wait_for_batch(self, step: int, wait_s: float, context) -> dict:
+    def _wait_for_batch(self, step: int, wait_s: float, epoch: int, context) -> dict:
         """The engine's batch of `step`, waited for in slices so that a cancelled call or a
         stopping server frees its thread within BATCH_WAIT_SLICE_S. Without a free waiter
         slot the call does not wait: it gets the batch if complete, else UNAVAILABLE at once."""
         if wait_s <= 0 or not self._batch_waiters.acquire(blocking=False):
-            return self._call(context, self.engine.wait_for_batch, step, 0.0)
+            return self._call(context, self.engine.wait_for_batch, step, 0.0, epoch)
         try:
             deadline = time.monotonic() + wait_s
             while True:
                 remaining = deadline - time.monotonic()
                 try:
-                    return self.engine.wait_for_batch(step, max(min(remaining, BATCH_WAIT_SLICE_S), 0.0))
+                    return self.engine.wait_for_batch(step, max(min(remaining, BATCH_WAIT_SLICE_S), 0.0), epoch)
                 except SchedulerError as exc:
-                    if exc.code != "unavailable" or remaining <= BATCH_WAIT_SLICE_S:
+                    if exc.code != "unavailable" or remaining <= BATCH_WAIT_SLICE_S or self.engine.halted:
                         _abort(context, exc)
+                except StoreFenced as exc:
+                    self.engine.halt(str(exc))
+                    _abort(context, exc)
                 except StoreUnavailable as exc:
                     _abort(context, exc)
                 if self.stopping.is_set():
@@ -206,15 +218,17 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         report = StepReport(
             step=request.step, entropy=request.entropy, new_policy_version=request.new_policy_version,
             weights_path=request.weights_path, loss=request.loss, skipped=request.skipped,
-            metrics=dict(request.metrics),
+            metrics=dict(request.metrics), trainer_epoch=request.trainer_epoch,
         )
         ack = self._call(context, self.engine.report, report)
         return pb.StepAck(**ack)
 
 
-def _abort(context: grpc.ServicerContext, exc: SchedulerError | StoreUnavailable) -> None:
+def _abort(context: grpc.ServicerContext, exc: SchedulerError | StoreUnavailable | StoreFenced) -> None:
     if isinstance(exc, SchedulerError):
         context.abort(STATUS[exc.code], str(exc))
+    if isinstance(exc, StoreFenced):  # the client retries, and reaches the scheduler that holds the run
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"this scheduler lost the run to another one: {exc}")
     context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler's store is unavailable, retry: {exc}")
 
 

@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from e3.store import StoreUnavailable
+from e3.store import StoreFenced, StoreUnavailable
 from services.common.auth import RoleTokens, http_role
 from services.common.http_guard import reject_unknown_query
-from services.scheduler.engine import SchedulerEngine
+from services.scheduler.engine import SchedulerEngine, SchedulerError
 from services.scheduler.metrics import SchedulerMetrics
 
 NOT_FOUND = {404: {"description": "no such question or step"}}
@@ -122,6 +122,16 @@ def create_app(
     async def store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
         return JSONResponse({"detail": f"store unavailable, retry: {exc}"}, status_code=503, headers={"Retry-After": "1"})
 
+    @app.exception_handler(SchedulerError)
+    async def refused(request: Request, exc: SchedulerError) -> JSONResponse:
+        status = {"invalid_argument": 400, "not_found": 404, "failed_precondition": 409}.get(exc.code, 503)
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.exception_handler(StoreFenced)
+    async def fenced(request: Request, exc: StoreFenced) -> JSONResponse:
+        engine.halt(str(exc))
+        return JSONResponse({"detail": f"this scheduler lost the run to another one: {exc}"}, status_code=503)
+
     def question_view(qid: str, stats, ranks) -> QuestionView:
         q = engine.questions[qid]
         s = stats.get(qid)
@@ -166,7 +176,7 @@ def create_app(
     @app.get("/v1/reports", dependencies=reader, responses=REFUSED)
     def reports(limit: int = Query(20, ge=1, le=64)) -> list[dict]:
         """The trainer's most recent step reports, as the scheduler absorbed them."""
-        return engine.state["reports"][-limit:]
+        return engine.state.reports[-limit:]
 
     @app.get("/v1/leases", response_model=list[Lease], dependencies=reader, responses=REFUSED)
     def leases() -> list[Lease]:
@@ -183,11 +193,14 @@ def create_app(
     def release(replica_id: str = Path(min_length=1, max_length=256)) -> Released:
         """Put every task the replica holds back in the queue now, instead of
         waiting for its leases to expire (say, its pod is known to be gone).
-        A late submission from it is still accepted if nobody finished the task first."""
+        A late submission from it is refused: it no longer holds the lease."""
         return Released(replica_id=replica_id, task_ids=engine.release(replica_id))
 
-    @app.get("/healthz")
-    def healthz() -> dict:
+    @app.get("/healthz", responses={503: {"description": "the scheduler halted: it no longer acts on the run"}})
+    def healthz(response: Response) -> dict:
+        if engine.halted:  # fenced out, or the store lost the run (services.scheduler.reconcile)
+            response.status_code = 503
+            return {"status": "halted", "reason": engine.halted}
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "not ready yet (a probe answer, not a failure)"}})

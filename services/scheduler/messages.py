@@ -67,4 +67,7 @@ class StepReport:
     loss: float = 0.0
     skipped: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
+    # The sender's trainer epoch (RegisterTrainer). The gRPC API always passes the request's (0, never
+    # registered, is refused); None is an in-process caller (tests, benchmarks), which is not checked.
+    trainer_epoch: int | None = None
 

@@ -32,6 +32,8 @@ class SchedulerMetrics:
         self.entropy_target = Gauge(m.ENTROPY_TARGET, "Entropy target of the temperature controller", registry=r)
         self.validation = Gauge(m.VALIDATION_ACCURACY, "Validation pass@1: the mean over samples at the fixed validation temperature", ["level"], registry=r)
         self.step = Gauge(m.STEP, "Current step", registry=r)
+        self.finished = Gauge(m.RUN_FINISHED, "1 once the run is finished", registry=r)
+        self.halted = Gauge(m.SCHEDULER_HALTED, "1 once this scheduler stopped acting on the run", registry=r)
         self.epoch = Gauge(m.EPOCH, "Current epoch", registry=r)
         self.policy_version = Gauge(m.POLICY_VERSION, "Policy version replicas must sample with", registry=r)
         self.bounds = Gauge(m.ROLLOUT_BOUNDS, "Per-question rollout bounds of the current step", ["bound"], registry=r)
@@ -52,8 +54,10 @@ class SchedulerMetrics:
         self.queue_depth.set_function(engine.store.queue_depth)
         self.leased.set_function(engine.store.leased_count)
         self.step.set_function(lambda: engine.step)
+        self.finished.set_function(lambda: float(engine.state.finished))
+        self.halted.set_function(lambda: float(engine.halted is not None))
         self.epoch.set_function(lambda: engine.epoch_of(engine.step))
-        self.policy_version.set_function(lambda: engine.state["policy_version"])
+        self.policy_version.set_function(lambda: engine.state.policy_version)
         self.temperature.set_function(lambda: engine.temperature)
 
     def on_plan(self, record: dict) -> None:

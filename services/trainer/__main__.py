@@ -13,8 +13,9 @@ auth.insecure_loopback is set and --scheduler and --host are loopback.
 
 Exit codes: 0 finished, or stopped by SIGTERM after finishing (training,
 checkpointing and reporting) the step in hand; 2 a configuration (a missing
-token included), device or data set that cannot be used; 3 training cannot go on (e.g. too many
-non-finite steps).
+token included), device or data set that cannot be used; 3 training cannot go on (too many
+non-finite steps, a newer trainer registered for the run, a publish or checkpoint that could not be
+written, e.g. a full disk).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from e3.train.parallel import DeviceError
 from services.common.auth import SERVICE_ROLES, require_tokens
 from services.common.http_thread import HttpServerThread
 from services.common.runtime import setup_logging, stop_event_on_signals
+from services.trainer.disk import WriteFailed
 from services.trainer.http_api import create_app
 from services.trainer.loop import Trainer, TrainingStopped
 from services.trainer.metrics import TrainerMetrics
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, DeviceError, ModelDirError, FileNotFoundError) as exc:  # bad config, device, model, checkpoint
         log.error("cannot start: %s", exc)
         return 2
-    except TrainingStopped as exc:
+    except (TrainingStopped, WriteFailed) as exc:  # e.g. superseded by a newer trainer, or a full disk
         log.error("training stopped: %s", exc)
         return 3
     finally:

@@ -27,6 +27,13 @@ Validation is not run here: the replicas sample it with each step's policy
 trainer writes it to metrics.jsonl (phase "baseline" for the base policy,
 "validation" after that) and, after the last step, reports the final
 validation step (no update) that the scheduler plans.
+
+One trainer per run: rank 0 registers with the scheduler first thing and
+gets the run's next trainer epoch, which supersedes any trainer still
+running (say, a pod in its grace period beside its replacement). Its
+batches and reports carry the epoch, and it asks whether it is still the
+run's trainer before each publish and checkpoint; a superseded trainer
+stops (exit 3) with the scheduler's reason.
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ from e3.train.sharding import DTYPES, full_state_dict, shard_policy
 from e3.train.update import grpo_update
 from services.trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.empty_step import empty_step
-from services.trainer.publish import declared_dtype, discard_unreported_versions, publish_state, version_dir
-from services.trainer.scheduler_client import FINISHED, SchedulerClient, TrainingStopped
+from services.trainer.disk import agree_on_write
+from services.trainer.publish import PublishFailed, declared_dtype, discard_unreported_versions, publish_state, version_dir
+from services.trainer.scheduler_client import FINISHED, SchedulerClient, TrainerSuperseded, TrainingStopped
 
 log = logging.getLogger("trainer")
 
@@ -98,8 +106,15 @@ class Trainer:
         self.topology = start_ranks(c.device, c.control_timeout_s)
         self.main = self.topology.is_main
         self.metrics = metrics if self.main else None
+        self.scheduler = None
         if self.main:
             self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+            self.scheduler = SchedulerClient(scheduler_address, config.auth, trainer_id, config.tls)
+            # Registering supersedes any trainer still running on this run (its next call is refused,
+            # and it stops before its next write), so it comes before this one reads the checkpoint.
+            self.scheduler.register()
+        # Rank 0's trainer epoch names its published policies; only rank 0 reports, the others never need it.
+        self.epoch = self.scheduler.epoch if self.main else 0
         torch.set_num_threads(c.threads)
         torch.manual_seed(config.training.seed)
         self.generator = torch.Generator().manual_seed(config.training.seed)
@@ -124,11 +139,9 @@ class Trainer:
             self.progress = Progress(**load_checkpoint(checkpoint, self.model, self.optimizer, self.generator))
             log.info("resumed from %s at step %d (policy v%d) on %d rank(s)", checkpoint, self.progress.next_step,
                      self.progress.policy_version, self.topology.world_size)
-        self.scheduler = None
         if self.main:
             for path in discard_unreported_versions(self.paths.weights, self.progress.policy_version):
                 log.warning("discarded %s: published after the last checkpoint and never reported", path)
-            self.scheduler = SchedulerClient(scheduler_address, config.auth, trainer_id, config.tls)
         self.status = status if status is not None else {}
         self.status.update(ready=True, step=self.progress.next_step, policy_version=self.progress.policy_version,
                            world_size=self.topology.world_size, device=str(self.topology.device))
@@ -171,9 +184,11 @@ class Trainer:
         # version, so the replicas always sample from the weights trained here.
         changed = result.optimizer_steps > 0
         version = self.progress.policy_version + int(changed)
-        weights = version_dir(self.paths.weights, version)
+        # The trainer epoch in the directory's name: a superseded trainer can never write into its successor's.
+        weights = version_dir(self.paths.weights, version, self.epoch)
         if changed:
-            self._publish(self.paths.weights, version, keep=self.config.trainer.keep_policies)
+            self._check_still_current("publishing policy v%d" % version)
+            self._publish(self.paths.weights, version, keep=self.config.trainer.keep_policies, epoch=self.epoch)
         timings["publish"] = time.perf_counter() - started
 
         outcomes = {o: tensors.outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")}
@@ -206,12 +221,24 @@ class Trainer:
         }
         return report, record
 
-    def _publish(self, weights_dir: Path, version: int, keep: int) -> None:
-        """Gather the policy in full on rank 0 (a collective) and write it there."""
+    def _check_still_current(self, what: str) -> None:
+        """Before a write to the run directory: stop, on every rank, if a newer trainer registered.
+
+        This narrows the window in which a superseded trainer (a pod in its
+        grace period beside its replacement) could write to one call's
+        length; its reports are refused by the scheduler whatever it writes.
+        """
+        current = broadcast_from_main(self.scheduler.still_current() if self.main else None, self.topology)
+        if not current:
+            raise TrainerSuperseded(f"a newer trainer registered with the scheduler; this one stops before {what}")
+
+    def _publish(self, weights_dir: Path, version: int, keep: int, epoch: int = 0) -> None:
+        """Gather the policy in full on rank 0 (a collective) and write it there; every rank learns if that failed."""
         state = full_state_dict(self.model)
-        if self.main:
-            publish_state(state, self.model_config, self.base_model, weights_dir, version, dtype=self.publish_dtype,
-                          keep=keep, max_shard_size=self.config.trainer.max_shard_size)
+        write = (lambda: publish_state(state, self.model_config, self.base_model, weights_dir, version,
+                                       dtype=self.publish_dtype, epoch=epoch, keep=keep,
+                                       max_shard_size=self.config.trainer.max_shard_size)) if self.main else None
+        agree_on_write(self.topology, PublishFailed, f"publishing policy v{version:06d}", weights_dir, write)
 
     # ---- the loop ------------------------------------------------------------
 
@@ -279,6 +306,7 @@ class Trainer:
         self.progress.pending_report, self.progress.pending_record = report, record
         started = time.perf_counter()
         if (step + 1) % t.checkpoint_every == 0 or step + 1 >= t.steps:
+            self._check_still_current(f"checkpointing step {step}")
             save_checkpoint(self.paths.checkpoints, self.model, self.optimizer, vars(self.progress), self.generator,
                             self.topology, keep=t.keep_checkpoints)
         record["timings"]["checkpoint"] = time.perf_counter() - started

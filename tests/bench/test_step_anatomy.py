@@ -29,7 +29,7 @@ def test_report_entries_count_each_lease_once_per_replica():
     # Two leases of 3 tasks: every group carries its lease's full seconds.
     assert submit_all(engine, "gen-0", 3, generate_s=0.5, score_s=0.25) == 2
     engine.report(StepReport(step=0, entropy=1.0, new_policy_version=1, weights_path="w"))
-    entry = engine.state["reports"][-1]
+    entry = engine.state.reports[-1]
     assert entry["generation"] == {"gen-0": {"generate_s": 1.0, "score_s": 0.5, "leases": 2}}
 
 

@@ -51,7 +51,7 @@ def test_cpu_override_runs_the_same_services_without_gpus(compose_models):
 
 def test_redis_persists_to_an_append_only_file_on_a_volume(compose_models):
     redis = compose_models["gpu"]["services"]["redis"]
-    assert "--appendonly yes" in " ".join(redis["command"])
+    assert "--appendonly yes --appendfsync always" in " ".join(redis["command"])  # acknowledged = on disk
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in redis["volumes"])
 
 

@@ -55,6 +55,10 @@ class FaultStack:
         self.trainer_env = trainer_env
         self.host = self.config.scheduler.host
         self.procs: dict[str, ServiceProcess] = {}
+        # Extra environment of one process (its name), e.g. failpoints armed in the scheduler only.
+        self.extra_env: dict[str, dict[str, str]] = {}
+        # Ports of second instances ("scheduler-2", "trainer-2": a stuck pod's replacement beside it).
+        self.second_ports: dict[str, dict[str, int]] = {}
         self.api = f"http://{self.host}:{self.ports['scheduler_http']}"
         self.grpc_address = f"{self.host}:{self.ports['scheduler_grpc']}"
 
@@ -69,6 +73,14 @@ class FaultStack:
                      "--timeout-s", str(self.config.reward.timeout_s)], f"{reward_url}/readyz", {})
         if name == "scheduler":
             return ["services.scheduler", "--config", self.config_path], f"{self.api}/readyz", {}
+        if name == "scheduler-2":
+            http, grpc_port = self.second_ports[name]["http"], self.second_ports[name]["grpc"]
+            return (["services.scheduler", "--config", self.config_path, "--http-port", str(http), "--grpc-port",
+                     str(grpc_port)], f"http://{host}:{http}/readyz", {})
+        if name == "trainer-2":
+            http = self.second_ports[name]["http"]
+            return (["services.trainer", "--config", self.config_path, "--scheduler", self.grpc_address,
+                     "--http-port", str(http)], f"http://{host}:{http}/healthz", self.trainer_env)
         if name == "trainer":
             return (["services.trainer", "--config", self.config_path, "--scheduler", self.grpc_address,
                      "--http-port", str(ports["trainer"])], f"http://{host}:{ports['trainer']}/healthz", self.trainer_env)
@@ -81,8 +93,9 @@ class FaultStack:
     def start(self, name: str, wait: bool = True) -> ServiceProcess:
         args, health, extra = self.args(name)
         # The launcher's rule: only the secrets of the process's own service (its roles' tokens).
-        service = "generation" if name.startswith("gen-") else name
-        proc = ServiceProcess(name, args, self.logs, self.env | secret_env(self.config, service) | extra)
+        service = "generation" if name.startswith("gen-") else name.partition("-")[0]
+        proc = ServiceProcess(name, args, self.logs,
+                              self.env | secret_env(self.config, service) | extra | self.extra_env.get(name, {}))
         self.procs[name] = proc
         if wait:
             proc.wait_http(health, timeout_s=START_S)
@@ -180,3 +193,36 @@ class FaultStack:
             except grpc.RpcError as exc:
                 return exc.code()
         return None
+
+
+# ---- helpers for the fault tests' final checks -----------------------------
+
+
+def lease_ids(stack: FaultStack, task_ids: list[str]) -> dict[str, str]:
+    """The lease id under which each task is held right now, read from the run's store (the HTTP API hides it)."""
+    from e3.store import open_store
+
+    sc = stack.config.scheduler
+    store = open_store(sc.store_url, namespace=sc.run_id, **sc.store_options())
+    try:
+        return {t: store.task(t).lease_id for t in task_ids}
+    finally:
+        store.close()
+
+
+def trained_exactly_once(stack: FaultStack, steps: int) -> list[dict]:
+    """Assert every step was trained and recorded once, on exactly its planned groups, and that the
+    statistics count every planned rollout once; the train records of metrics.jsonl, in step order."""
+    import json
+
+    records = [json.loads(line) for line in (stack.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("phase") == "train"]
+    assert [r["step"] for r in train] == list(range(steps)), "each step trained and recorded exactly once"
+    budget = 0
+    for r in train:
+        allocation = stack.get(f"{stack.api}/v1/allocations/{r['step']}")
+        assert r["question_ids"] == allocation["question_ids"] and r["group_sizes"] == allocation["counts"], r["step"]
+        budget += allocation["budget"]
+    attempts = sum(q["attempts"] for q in stack.get(f"{stack.api}/v1/questions", limit=1000))
+    assert attempts == budget, "statistics count every planned rollout exactly once"
+    return train

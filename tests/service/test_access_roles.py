@@ -55,6 +55,8 @@ def scheduler(tmp_path_factory):
     proc, http_port, grpc_port = start_scheduler(tmp, ENV)
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=auth("trainer")).epoch == 1
     yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel), "run": tmp / "run"}
     channel.close()
     assert proc.stop() == 0, proc.log()[-2000:]
@@ -75,7 +77,7 @@ def finish_step(scheduler, step: int) -> None:
                              response_logprobs=[-0.5, -0.1], text="1", reward=1.0) for _ in range(task.num_samples)]
         stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, lease_id=task.lease_id, replica_id="gen-a", policy_version=task.policy_version,
                                         temperature=task.temperature, samples=samples), metadata=auth("generation"))
-    list(stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=step, wait_s=5), metadata=auth("trainer")))
+    list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=step, wait_s=5), metadata=auth("trainer")))
 
 
 def test_each_grpc_call_takes_only_its_own_roles_token(scheduler):
@@ -85,8 +87,8 @@ def test_each_grpc_call_takes_only_its_own_roles_token(scheduler):
         "RenewLeases": ("generation", lambda md: stub.RenewLeases(pb.RenewRequest(replica_id="g"), metadata=md)),
         "SubmitGroup": ("generation", lambda md: stub.SubmitGroup(pb.GroupResult(task_id="x", replica_id="g"), metadata=md)),
         "ReportTaskFailure": ("generation", lambda md: stub.ReportTaskFailure(pb.TaskFailure(task_id="x", replica_id="g"), metadata=md)),
-        "StreamBatch": ("trainer", lambda md: list(stub.StreamBatch(pb.BatchRequest(step=9, wait_s=0), metadata=md))),
-        "ReportStep": ("trainer", lambda md: stub.ReportStep(pb.StepReport(step=9, entropy=1.0, new_policy_version=1), metadata=md)),
+        "StreamBatch": ("trainer", lambda md: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, step=9, wait_s=0), metadata=md))),
+        "ReportStep": ("trainer", lambda md: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=9, entropy=1.0, new_policy_version=1), metadata=md)),
     }
     for name, (role, call) in calls.items():
         for other in TOKENS:
@@ -134,11 +136,11 @@ def test_a_report_may_name_only_weights_inside_the_runs_weights_directory(schedu
     outside.mkdir()
     (weights / "link").symlink_to(outside)
     for path in ["/etc", str(weights / ".." / "weights-evil" / "v1"), str(weights / "link"), "weights/v1", str(weights)]:
-        err = refusal(lambda: stub.ReportStep(pb.StepReport(step=0, entropy=1.0, new_policy_version=1, weights_path=path),
+        err = refusal(lambda: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=0, entropy=1.0, new_policy_version=1, weights_path=path),
                                               metadata=auth("trainer")))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "weights_path" in err.details(), (path, err.details())
     assert httpx.get(f"{scheduler['http']}/v1/state").json()["step"] == 0  # nothing was adopted
-    stub.ReportStep(pb.StepReport(step=0, entropy=1.0, new_policy_version=1, weights_path=str(weights / "v000001")),
+    stub.ReportStep(pb.StepReport(trainer_epoch=1, step=0, entropy=1.0, new_policy_version=1, weights_path=str(weights / "v000001")),
                     metadata=auth("trainer"))
     assert httpx.get(f"{scheduler['http']}/v1/state").json()["weights_path"] == str(weights / "v000001")
 
@@ -271,7 +273,7 @@ def test_grpc_and_http_over_mutual_tls(tmp_path):
             assert err.code() == grpc.StatusCode.UNAVAILABLE
         # The trainer's own client, over TLS with its token.
         client = SchedulerClient(f"localhost:{grpc_port}", load_config(environ=ENV).auth, "t", client_tls)
-        err = refusal(lambda: client.stub.ReportStep(pb.StepReport(step=7, entropy=1.0, new_policy_version=1),
+        err = refusal(lambda: client.stub.ReportStep(pb.StepReport(trainer_epoch=1, step=7, entropy=1.0, new_policy_version=1),
                                                      metadata=client.metadata, timeout=10))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION  # past TLS and access: judged on its content
         client.channel.close()

@@ -40,6 +40,8 @@ def server():
     engine = SchedulerEngine(config, load_split(config.data, "train"), MemoryStore(), vocab_size=151936)
     grpc_server, port = start_grpc_server(engine, "127.0.0.1", 0, RoleTokens(), workers=2, max_message_bytes=MAX_MESSAGE)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=()).epoch == 1
     yield engine, pb_grpc.SchedulerStub(channel)
     channel.close()
     grpc_server.stop(grace=1).wait()
@@ -67,7 +69,7 @@ def fill_step(engine: SchedulerEngine, lengths: list[int]) -> dict[str, list[lis
 
 
 def stream(stub, **request) -> list[pb.BatchChunk]:
-    return list(stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=0, wait_s=5, **request), timeout=30))
+    return list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=0, wait_s=5, **request), timeout=30))
 
 
 def test_a_batch_over_the_byte_bound_arrives_in_chunks_within_it_each_group_once_in_order(server):

@@ -7,13 +7,15 @@ a message, and nothing refused may reach the statistics or a batch.
 
 from __future__ import annotations
 
+import copy
+
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from e3.config import load_config
-from e3.core.temperature import TemperatureState, observe_entropy
+from e3.core.temperature import observe_entropy
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.store import MemoryStore, StoreUnavailable
@@ -54,6 +56,8 @@ def server():
     engine = SchedulerEngine(config, load_split(config.data, "train"), store, vocab_size=54, initial_weights_path="/weights/v0")
     grpc_server, port = start_grpc_server(engine, "127.0.0.1", 0, RoleTokens(generation=TOKEN, trainer=TOKEN), workers=4, max_message_bytes=MAX_BYTES)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=AUTH).epoch == 1
     yield {"engine": engine, "store": store, "stub": pb_grpc.SchedulerStub(channel), "channel": channel}
     channel.close()
     grpc_server.stop(grace=1).wait()
@@ -76,8 +80,8 @@ def finish_step(stub, step: int, version: int) -> None:
         stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, lease_id=task.lease_id, replica_id="r",
                                         policy_version=task.policy_version, temperature=task.temperature,
                                         samples=samples(task)), metadata=AUTH)
-    list(stub.StreamBatch(pb.BatchRequest(step=step, wait_s=5), metadata=AUTH))
-    stub.ReportStep(pb.StepReport(step=step, entropy=1.0, new_policy_version=version, weights_path=f"/weights/v{version}"),
+    list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, step=step, wait_s=5), metadata=AUTH))
+    stub.ReportStep(pb.StepReport(trainer_epoch=1, step=step, entropy=1.0, new_policy_version=version, weights_path=f"/weights/v{version}"),
                     metadata=AUTH)
 
 
@@ -86,8 +90,8 @@ def test_every_rpc_refuses_a_missing_or_wrong_token(server):
     calls = {
         "LeaseTasks": lambda md: stub.LeaseTasks(pb.LeaseRequest(replica_id="x", max_tasks=1), metadata=md),
         "SubmitGroup": lambda md: stub.SubmitGroup(pb.GroupResult(task_id="s0-0"), metadata=md),
-        "StreamBatch": lambda md: list(stub.StreamBatch(pb.BatchRequest(step=0), metadata=md)),
-        "ReportStep": lambda md: stub.ReportStep(pb.StepReport(step=0), metadata=md),
+        "StreamBatch": lambda md: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, step=0), metadata=md)),
+        "ReportStep": lambda md: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=0), metadata=md),
     }
     for name, call in calls.items():
         for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)]:
@@ -123,22 +127,22 @@ def test_out_of_order_and_stale_calls_are_refused_and_never_trained(server):
     step = engine.step
     leased = stub.LeaseTasks(pb.LeaseRequest(replica_id="late", max_tasks=1), metadata=AUTH).tasks[0]
     engine.release("late")  # as if its lease expired: another replica finishes the step
-    finish_step(stub, step, version=engine.state["policy_version"] + 1)
+    finish_step(stub, step, version=engine.state.policy_version + 1)
     stats_before = engine.store.all_stats()
-    version = engine.state["policy_version"]
+    version = engine.state.policy_version
     cases = [
         # the late replica's task was trained without it: its step is gone
         (lambda: stub.SubmitGroup(pb.GroupResult(task_id=leased.task_id, lease_id=leased.lease_id, replica_id="late",
                                                  policy_version=leased.policy_version,
                                                  temperature=leased.temperature, samples=samples(leased)), metadata=AUTH),
          grpc.StatusCode.NOT_FOUND, leased.task_id),
-        (lambda: list(stub.StreamBatch(pb.BatchRequest(step=step, wait_s=0), metadata=AUTH)),
+        (lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, step=step, wait_s=0), metadata=AUTH)),
          grpc.StatusCode.FAILED_PRECONDITION, "already trained"),
-        (lambda: stub.ReportStep(pb.StepReport(step=step + 1, entropy=1.0, new_policy_version=version + 2), metadata=AUTH),
+        (lambda: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=step + 1, entropy=1.0, new_policy_version=version + 2), metadata=AUTH),
          grpc.StatusCode.FAILED_PRECONDITION, "not complete"),
-        (lambda: stub.ReportStep(pb.StepReport(step=step + 5, entropy=1.0, new_policy_version=version), metadata=AUTH),
+        (lambda: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=step + 5, entropy=1.0, new_policy_version=version), metadata=AUTH),
          grpc.StatusCode.FAILED_PRECONDITION, "current step"),
-        (lambda: stub.ReportStep(pb.StepReport(step=step + 1, entropy=float("nan"), new_policy_version=version), metadata=AUTH),
+        (lambda: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=step + 1, entropy=float("nan"), new_policy_version=version), metadata=AUTH),
          grpc.StatusCode.INVALID_ARGUMENT, "entropy"),
         (lambda: stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=10**6), metadata=AUTH),
          grpc.StatusCode.INVALID_ARGUMENT, "max_tasks"),
@@ -147,20 +151,21 @@ def test_out_of_order_and_stale_calls_are_refused_and_never_trained(server):
         err = refusal(call)
         assert err.code() == code and words in err.details(), (code, err.details())
     # The trainer re-sending its last report (say, after a restart) is answered, not applied again.
-    state = dict(engine.state)
-    ack = stub.ReportStep(pb.StepReport(step=step, entropy=0.5, new_policy_version=version), metadata=AUTH)
+    state = copy.deepcopy(engine.state)
+    ack = stub.ReportStep(pb.StepReport(trainer_epoch=1, step=step, entropy=0.5, new_policy_version=version,
+                                        weights_path=f"/weights/v{version}"), metadata=AUTH)
     assert ack.next_step == step + 1 and engine.state == state
     assert engine.store.all_stats() == stats_before
 
 
 def test_a_policy_version_jump_is_refused(server):
     engine, stub = server["engine"], server["stub"]
-    version = engine.state["policy_version"]
+    version = engine.state.policy_version
     for task in stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=100), metadata=AUTH).tasks:
         stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, lease_id=task.lease_id, replica_id="r",
                                         policy_version=task.policy_version, temperature=task.temperature,
                                         samples=samples(task)), metadata=AUTH)
-    err = refusal(lambda: stub.ReportStep(pb.StepReport(step=engine.step, entropy=1.0, new_policy_version=version + 2),
+    err = refusal(lambda: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=engine.step, entropy=1.0, new_policy_version=version + 2),
                                           metadata=AUTH))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and f"{version + 1}" in err.details()
     finish_step(stub, engine.step, version + 1)  # leave the step finished for the next test
@@ -176,7 +181,7 @@ def test_a_store_outage_is_unavailable_and_changes_nothing(server):
             task_id=held.task_id, lease_id=held.lease_id, replica_id="r", policy_version=held.policy_version,
             temperature=held.temperature, samples=samples(held)), metadata=AUTH),
         "renew": lambda: stub.RenewLeases(pb.RenewRequest(replica_id="r", leases=[ref]), metadata=AUTH),
-        "batch": lambda: list(stub.StreamBatch(pb.BatchRequest(step=engine.step, wait_s=0), metadata=AUTH)),
+        "batch": lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, step=engine.step, wait_s=0), metadata=AUTH)),
     }
 
     def observed() -> tuple:
@@ -222,8 +227,8 @@ def test_random_messages_get_a_deliberate_answer(server, task_id, replica, versi
     calls = [
         lambda: stub.SubmitGroup(group, metadata=AUTH, timeout=5),
         lambda: stub.LeaseTasks(pb.LeaseRequest(replica_id=replica, max_tasks=max_tasks), metadata=AUTH, timeout=5),
-        lambda: list(stub.StreamBatch(pb.BatchRequest(step=step, wait_s=0), metadata=AUTH, timeout=5)),
-        lambda: stub.ReportStep(pb.StepReport(step=step, entropy=temperature, new_policy_version=version), metadata=AUTH,
+        lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, step=step, wait_s=0), metadata=AUTH, timeout=5)),
+        lambda: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=step, entropy=temperature, new_policy_version=version), metadata=AUTH,
                                 timeout=5),
     ]
     for call in calls:
@@ -241,11 +246,11 @@ class FailingCommitStore(MemoryStore):
 
     fail_next_save = False
 
-    def save_state(self, state: dict) -> None:
+    def save_state(self, state: dict, expected_revision: int | None = None) -> None:
         if self.fail_next_save:
             self.fail_next_save = False
             raise StoreUnavailable("test store died while saving the state")
-        super().save_state(state)
+        super().save_state(state, expected_revision)
 
 
 def test_a_report_cut_off_at_its_commit_is_applied_exactly_once_on_retry():
@@ -257,11 +262,12 @@ def test_a_report_cut_off_at_its_commit_is_applied_exactly_once_on_retry():
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SchedulerStub(channel)
+            assert stub.RegisterTrainer(pb.TrainerRegistration(trainer_id="t")).epoch == 1
             for task in stub.LeaseTasks(pb.LeaseRequest(replica_id="r", max_tasks=10)).tasks:
                 stub.SubmitGroup(pb.GroupResult(task_id=task.task_id, lease_id=task.lease_id, replica_id="r",
                                                 policy_version=0, temperature=task.temperature, samples=samples(task)))
-            state_before = dict(engine.state)
-            report = pb.StepReport(step=0, entropy=0.5, new_policy_version=1, weights_path="/weights/v1")
+            state_before = copy.deepcopy(engine.state)
+            report = pb.StepReport(trainer_epoch=1, step=0, entropy=0.5, new_policy_version=1, weights_path="/weights/v1")
             store.fail_next_save = True
             assert refusal(lambda: stub.ReportStep(report)).code() == grpc.StatusCode.UNAVAILABLE
             assert engine.state == state_before and store.load_state()["step"] == 0
@@ -270,7 +276,7 @@ def test_a_report_cut_off_at_its_commit_is_applied_exactly_once_on_retry():
     finally:
         grpc_server.stop(grace=1).wait()
     assert once == again and once.next_step == 1
-    expected = observe_entropy(engine.temperature_config, TemperatureState.from_dict(state_before["temperature"]), 0.5)
-    assert once.next_temperature == expected.temperature != state_before["temperature"]["temperature"]
-    assert store.load_state()["step"] == 1 and [r["step"] for r in engine.state["reports"]] == [0]
+    expected = observe_entropy(engine.temperature_config, state_before.temperature, 0.5)
+    assert once.next_temperature == expected.temperature != state_before.temperature.temperature
+    assert store.load_state()["step"] == 1 and [r["step"] for r in engine.state.reports] == [0]
     assert store.step_progress(0) == (0, 0) and store.step_progress(1)[1] == 2

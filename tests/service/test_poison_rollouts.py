@@ -52,6 +52,8 @@ def scheduler(tmp_path_factory, redis_server):
                                         "--vocab-size", str(VOCAB)], tmp)
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=AUTH).epoch == 1
     yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel)}
     channel.close()
     assert proc.stop() == 0, proc.log()[-2000:]
@@ -115,7 +117,7 @@ def test_poison_groups_are_refused_naming_the_task_and_check_and_the_task_ends_f
     # The other tasks complete; the step is done without the failed one and the batch says so.
     for t in [victim, *rest]:
         assert submit(stub, t, fake_samples(t, rng, 0.5)).accepted
-    chunks = list(stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=0, wait_s=5), metadata=AUTH))
+    chunks = list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=0, wait_s=5), metadata=AUTH))
     groups = [g for c in chunks for g in c.groups]
     assert sorted(g.task_id for g in groups) == sorted(t.task_id for t in [victim, *rest])
     assert [f.task_id for f in chunks[-1].failed_tasks] == [other.task_id]
@@ -125,8 +127,8 @@ def test_a_prompt_unlike_the_questions_earlier_prompt_is_refused(scheduler):
     stub, rng = scheduler["stub"], random.Random(1)
     state = httpx.get(f"{scheduler['http']}/v1/state").json()
     if state["step"] == 0:
-        stub.ReportStep(pb.StepReport(trainer_id="t", step=0, entropy=1.0, loss=0.1, new_policy_version=1,
-                                      weights_path=""), metadata=AUTH)
+        stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=0, entropy=1.0, loss=0.1, new_policy_version=0,
+                                      weights_path=""), metadata=AUTH)  # no update: no new weights to name
     (failed,) = httpx.get(f"{scheduler['http']}/v1/failed-tasks").json()
     tasks = lease_all(stub, "gen-a", 4)
     # Every question but the failed one had a group accepted at step 0, with prompt [1, 5, 6].

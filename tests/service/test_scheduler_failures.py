@@ -45,6 +45,8 @@ def scheduler(tmp_path_factory):
                           {"E3_AUTH__INSECURE_LOOPBACK": "true", "E3_OPERATOR_TOKEN": "s3cret-token"})
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=AUTH).epoch == 1
     yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel), "proc": proc}
     channel.close()
     assert proc.stop() == 0, proc.log()[-2000:]
@@ -68,7 +70,7 @@ def metric(text: str, line_start: str) -> float:
 
 
 def batch(stub, step: int) -> list[pb.BatchChunk]:
-    return list(stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=step, wait_s=5, max_groups_per_chunk=2),
+    return list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=step, wait_s=5, max_groups_per_chunk=2),
                                  metadata=AUTH))
 
 
@@ -148,7 +150,7 @@ def test_a_task_failed_max_times_is_marked_failed_and_its_step_completes(schedul
     assert sorted(g.task_id for g in groups) == sorted(t.task_id for t in others)
     assert [f.task_id for f in chunks[-1].failed_tasks] == [doomed.task_id]
     assert chunks[-1].failed_tasks[0].reason == "prompt_too_long"
-    ack = stub.ReportStep(pb.StepReport(trainer_id="t", step=0, entropy=1.0, loss=0.1, new_policy_version=1,
+    ack = stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=0, entropy=1.0, loss=0.1, new_policy_version=1,
                                         weights_path="/weights/v1"), metadata=AUTH)
     assert ack.next_step == 1
     # The trained step's failure stays listed; the report counts it.
@@ -168,7 +170,7 @@ def test_a_step_whose_every_task_failed_completes_with_no_groups(scheduler):
     chunks = batch(stub, 1)
     assert len(chunks) == 1 and chunks[0].total_groups == 0 and chunks[0].last
     assert sorted(f.task_id for f in chunks[0].failed_tasks) == sorted(t.task_id for t in tasks)
-    ack = stub.ReportStep(pb.StepReport(trainer_id="t", step=1, entropy=1e-6, new_policy_version=1, skipped=True),
+    ack = stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=1, entropy=1e-6, new_policy_version=1, skipped=True),
                           metadata=AUTH)
     assert ack.finished
     state = get(scheduler, "/v1/state")

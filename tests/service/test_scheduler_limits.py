@@ -43,6 +43,8 @@ def scheduler(tmp_path_factory, redis_server):
     proc = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp / "config.yaml"), "--vocab-size", "54"], tmp)
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=AUTH).epoch == 1
     yield {"stub": pb_grpc.SchedulerStub(channel), "proc": proc, "redis": client}
     channel.close()
     proc.stop()
@@ -71,7 +73,7 @@ def test_oversized_ids_text_and_lists_are_refused_naming_the_field(scheduler):
     stub = scheduler["stub"]
     big_id = "t" * (limits.MAX_ID_BYTES + 1)
     cases = [
-        (lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_id=big_id, step=0), metadata=AUTH, timeout=10)),
+        (lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id=big_id, step=0), metadata=AUTH, timeout=10)),
          "trainer_id"),
         (lambda: stub.ReportTaskFailure(pb.TaskFailure(task_id="s0-0", lease_id="l", replica_id="r",
                                                        reason="engine_error", detail="é" * limits.MAX_DETAIL_BYTES),
@@ -111,7 +113,7 @@ def test_redis_refusing_writes_is_unavailable_to_clients_and_passes(scheduler, r
 def test_long_batch_waits_never_starve_leases_and_sigterm_still_exits_at_once(scheduler):
     stub, proc = scheduler["stub"], scheduler["proc"]
     # Today's probe: 16 StreamBatch(wait_s=600) held every gRPC thread; leases hit DEADLINE_EXCEEDED.
-    waits = [stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=0, wait_s=600), metadata=AUTH, timeout=120)
+    waits = [stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=0, wait_s=600), metadata=AUTH, timeout=120)
              for _ in range(GRPC_THREADS)]
     answered: list[grpc.StatusCode] = []
 
@@ -138,12 +140,12 @@ def test_long_batch_waits_never_starve_leases_and_sigterm_still_exits_at_once(sc
         call.cancel()
     time.sleep(2 * 0.5 + 0.5)  # the server notices a cancellation within one wait slice
     begin = time.monotonic()
-    err = refused(lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=0, wait_s=1.5),
+    err = refused(lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=0, wait_s=1.5),
                                                 metadata=AUTH, timeout=10)))
     assert err.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - begin >= 1.2, err.details()
 
     # SIGTERM with every waiter slot held ends within a few seconds (it hung for 20 s).
-    held = [stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=0, wait_s=600), metadata=AUTH, timeout=120)
+    held = [stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=0, wait_s=600), metadata=AUTH, timeout=120)
             for _ in range(limits.MAX_BATCH_WAITERS)]
     ends = [threading.Thread(target=drain, args=(call,), daemon=True) for call in held]
     for t in ends:

@@ -44,6 +44,8 @@ def scheduler(tmp_path_factory):
                           {"E3_AUTH__INSECURE_LOOPBACK": "true", "E3_OPERATOR_TOKEN": "s3cret-token"})
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=AUTH).epoch == 1
     yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel), "proc": proc}
     channel.close()
     assert proc.stop() == 0, proc.log()[-2000:]
@@ -78,10 +80,10 @@ def submit(stub, task, samples, replica="gen-a", **overrides):
 
 
 def train_step(stub, step: int, entropy: float, version: int) -> pb.StepAck:
-    chunks = list(stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=step, wait_s=5, max_groups_per_chunk=3), metadata=AUTH))
+    chunks = list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=step, wait_s=5, max_groups_per_chunk=3), metadata=AUTH))
     groups = [g for c in chunks for g in c.groups]
     assert chunks[-1].last and len(groups) == chunks[0].total_groups
-    return stub.ReportStep(pb.StepReport(trainer_id="t", step=step, entropy=entropy, loss=0.1,
+    return stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=step, entropy=entropy, loss=0.1,
                                          new_policy_version=version, weights_path=f"/weights/v{version}"), metadata=AUTH)
 
 
@@ -101,8 +103,8 @@ def test_bad_messages_get_the_right_status_and_name_the_field(scheduler):
         (lambda: stub.LeaseTasks(pb.LeaseRequest(replica_id="x", max_tasks=0), metadata=AUTH), grpc.StatusCode.INVALID_ARGUMENT, "max_tasks"),
         (lambda: stub.SubmitGroup(pb.GroupResult(task_id="nope", replica_id="x", temperature=1.0, samples=[pb.Sample(response_token_ids=[1])]), metadata=AUTH),
          grpc.StatusCode.NOT_FOUND, "nope"),
-        (lambda: list(stub.StreamBatch(pb.BatchRequest(step=5, wait_s=0), metadata=AUTH)), grpc.StatusCode.FAILED_PRECONDITION, "not planned"),
-        (lambda: stub.ReportStep(pb.StepReport(step=0, entropy=1.0, new_policy_version=1), metadata=AUTH), grpc.StatusCode.FAILED_PRECONDITION, "not complete"),
+        (lambda: list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, step=5, wait_s=0), metadata=AUTH)), grpc.StatusCode.FAILED_PRECONDITION, "not planned"),
+        (lambda: stub.ReportStep(pb.StepReport(trainer_epoch=1, step=0, entropy=1.0, new_policy_version=1), metadata=AUTH), grpc.StatusCode.FAILED_PRECONDITION, "not complete"),
     ]
     for call, code, words in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -187,10 +189,18 @@ def test_training_loop_moves_temperature_ranks_and_widens_budgets(scheduler):
 def test_a_retried_report_is_applied_once(scheduler):
     stub = scheduler["stub"]
     before = state(scheduler)
-    ack = stub.ReportStep(pb.StepReport(trainer_id="t", step=before["step"] - 1, entropy=0.8, loss=0.1,
-                                        new_policy_version=before["policy_version"]), metadata=AUTH)
+    version = before["policy_version"]
+    ack = stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=before["step"] - 1, entropy=0.8, loss=0.1,
+                                        new_policy_version=version, weights_path=f"/weights/v{version}"), metadata=AUTH)
     after = state(scheduler)
     assert ack.next_step == before["step"] and after["temperature"] == before["temperature"]
+    # A "retry" that is not the adopted report (another weights path, or none) is refused, not acknowledged.
+    for path in ("", f"/weights/v{version}-other"):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=before["step"] - 1, entropy=0.8,
+                                          new_policy_version=version, weights_path=path), metadata=AUTH)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not the adopted report" in err.value.details()
+    assert state(scheduler) == after
 
 
 def test_a_long_poll_lease_answers_as_soon_as_the_next_step_is_planned(scheduler):

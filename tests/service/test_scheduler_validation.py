@@ -41,6 +41,8 @@ def scheduler(tmp_path_factory):
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     # A step report's weights_path must lie in <run_dir>/weights.
+    # The trainer's calls carry the epoch the run gave it (RegisterTrainer): the first one, 1.
+    assert pb_grpc.SchedulerStub(channel).RegisterTrainer(pb.TrainerRegistration(trainer_id="t"), metadata=()).epoch == 1
     yield {"http": f"http://127.0.0.1:{http_port}", "stub": pb_grpc.SchedulerStub(channel), "weights": tmp / "run" / "weights"}
     channel.close()
     assert proc.stop() == 0, proc.log()[-2000:]
@@ -72,7 +74,7 @@ def submit_all(stub, tasks) -> None:
 
 
 def pull(stub, step: int) -> list[pb.BatchChunk]:
-    return list(stub.StreamBatch(pb.BatchRequest(trainer_id="t", step=step, wait_s=5, max_groups_per_chunk=3)))
+    return list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=step, wait_s=5, max_groups_per_chunk=3)))
 
 
 def test_validation_rides_with_the_due_steps_and_never_trains(scheduler):
@@ -96,7 +98,7 @@ def test_validation_rides_with_the_due_steps_and_never_trains(scheduler):
             assert all(dict(c.validation) == {} for c in chunks[1:])
         else:
             assert all(dict(c.validation) == {} for c in chunks)
-        ack = stub.ReportStep(pb.StepReport(trainer_id="t", step=step, entropy=1.0, loss=0.1,
+        ack = stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=step, entropy=1.0, loss=0.1,
                                             new_policy_version=step + 1, weights_path=str(scheduler["weights"] / f"v{step + 1}")))
         assert not ack.finished  # the final validation step is still to come
     # Due on step 0 (the base policy) and step 2 (validation_every = 2), not on step 1.
@@ -118,9 +120,9 @@ def test_validation_rides_with_the_due_steps_and_never_trains(scheduler):
     chunks = pull(stub, STEPS)
     assert chunks[0].total_groups == 0 and dict(chunks[0].validation)["val_accuracy"] == 1.0
     with pytest.raises(grpc.RpcError) as err:  # it validates; it cannot carry an update
-        stub.ReportStep(pb.StepReport(trainer_id="t", step=STEPS, entropy=1.0, new_policy_version=STEPS + 1))
+        stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=STEPS, entropy=1.0, new_policy_version=STEPS + 1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "skipped" in err.value.details()
-    report = pb.StepReport(trainer_id="t", step=STEPS, entropy=1e-6, skipped=True, new_policy_version=STEPS)
+    report = pb.StepReport(trainer_epoch=1, trainer_id="t", step=STEPS, entropy=1e-6, skipped=True, new_policy_version=STEPS)
     assert stub.ReportStep(report).finished
     assert stub.ReportStep(report).finished  # a retried final report changes nothing
     state = httpx.get(f"{http}/v1/state").json()

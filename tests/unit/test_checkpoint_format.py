@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import errno
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from e3.train.parallel import start_ranks
 from e3.train.sharding import full_state_dict, shard_policy
-from services.trainer.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from services.trainer.checkpoints import CheckpointFailed, latest_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.publish import discard_unreported_versions, version_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,12 +91,33 @@ def test_a_checkpoint_of_the_earlier_unsharded_format_is_refused_by_name(tmp_pat
     assert str(old) in str(caught.value)
 
 
-def test_versions_published_after_the_checkpoint_are_discarded(tmp_path):
-    for version in (3, 4, 5):
-        version_dir(tmp_path, version).mkdir()
+def test_versions_published_after_the_checkpoint_are_discarded_whatever_their_epoch(tmp_path):
+    for version, epoch in ((3, 0), (4, 2), (5, 0), (5, 3), (6, 1)):
+        version_dir(tmp_path, version, epoch).mkdir()
     gone = discard_unreported_versions(tmp_path, 4)
-    assert gone == [version_dir(tmp_path, 5)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000003", "v000004"]
+    assert gone == [version_dir(tmp_path, 5), version_dir(tmp_path, 5, 3), version_dir(tmp_path, 6, 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000003", "v000004.t0002"]
+
+
+def test_an_io_error_in_a_checkpoint_is_one_clear_error_and_latest_stays(tmp_path, monkeypatch):
+    topology = start_ranks("cpu")
+    scorer = sharded_model(seed=0)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-2)
+    save_checkpoint(tmp_path, scorer, optimizer, {"next_step": 1}, torch.Generator(), topology)
+    write_text = Path.write_text
+
+    def failing_progress(path, *args, **kwargs):
+        if path.name == "progress.json":  # rank 0's last file, after every shard
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing_progress)
+    with pytest.raises(CheckpointFailed) as caught:
+        save_checkpoint(tmp_path, scorer, optimizer, {"next_step": 2}, torch.Generator(), topology)
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.EIO
+    assert str(caught.value) == f"checkpoint step-000002 failed: input/output error under {tmp_path}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000001"]
+    assert latest_checkpoint(tmp_path).name == "step-000001"
 
 
 # Modules that unpickle, and calls that may.

@@ -1,18 +1,22 @@
-"""Published policies: the base model's dtype, split into files like save_pretrained, loadable as they are."""
+"""Published policies: the base model's dtype, split into files like save_pretrained, loadable as they are,
+one directory per (version, trainer epoch), and a failed write is one clear error that leaves nothing."""
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from services.trainer.publish import declared_dtype, publish_state
+from services.trainer.publish import PublishFailed, declared_dtype, parse_version_dir, publish_state, version_dir
 
 
-def tiny_qwen2(tied: bool) -> Qwen2ForCausalLM:
-    torch.manual_seed(4)
+def tiny_qwen2(tied: bool, seed: int = 4) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                                         tie_word_embeddings=tied))
@@ -49,3 +53,54 @@ def test_a_tied_lm_head_is_written_once_and_comes_back_tied(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(path)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def publish(model, weights, version: int, **options):
+    return publish_state(dict(model.named_parameters()), model.config, weights.parent, weights, version,
+                         dtype=torch.float32, **options)
+
+
+def test_a_version_directory_names_the_trainer_epoch_and_epoch_zero_keeps_the_plain_name(tmp_path):
+    assert version_dir(tmp_path, 7) == tmp_path / "v000007"
+    assert version_dir(tmp_path, 7, 12) == tmp_path / "v000007.t0012"
+    assert parse_version_dir(tmp_path / "v000007.t0012") == (7, 12)
+    assert parse_version_dir(tmp_path / "v000007") == (7, 0)
+    for other in ("v7", "v000007.t12", "v000007.t0012-x", ".v000007.t0012-abc", "final-model"):
+        assert parse_version_dir(tmp_path / other) is None, other
+
+
+def test_two_trainer_epochs_publish_the_same_version_side_by_side(tmp_path):
+    weights = tmp_path / "weights"
+    stale, replacement = tiny_qwen2(tied=False, seed=1), tiny_qwen2(tied=False, seed=2)
+    old = publish(stale, weights, 3, epoch=1)
+    new = publish(replacement, weights, 3, epoch=2)
+    assert (old.name, new.name) == ("v000003.t0001", "v000003.t0002")
+    assert publish(stale, weights, 3, epoch=1) == old  # the same (version, epoch) again: the directory as it is
+    for path, model in ((old, stale), (new, replacement)):
+        loaded = AutoModelForCausalLM.from_pretrained(path)
+        assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight), path
+
+
+def test_only_the_newest_versions_by_version_then_epoch_are_kept(tmp_path):
+    weights = tmp_path / "weights"
+    for name in ("v000001", "v000002.t0001", "v000002.t0003", "v000004.t0001.old", "notes"):
+        (weights / name).mkdir(parents=True)
+    publish(tiny_qwen2(tied=True), weights, 3, epoch=1, keep=3)
+    assert sorted(p.name for p in weights.iterdir()) == ["notes", "v000002.t0001", "v000002.t0003",
+                                                         "v000003.t0001", "v000004.t0001.old"]
+
+
+def test_an_io_error_while_publishing_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    (tmp_path / "tokenizer.json").write_text("{}")
+
+    def failing_copy(source, target, **_):
+        raise OSError(errno.EIO, "Input/output error", str(target))
+
+    monkeypatch.setattr(shutil, "copy2", failing_copy)  # the last write: the weights are on disk by then
+    with pytest.raises(PublishFailed) as caught:
+        publish(tiny_qwen2(tied=True), weights, 1, epoch=5)
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.EIO
+    assert str(caught.value) == f"publishing policy v000001.t0005 failed: input/output error under {weights}"
+    assert isinstance(caught.value.__cause__, OSError)
+    assert list(weights.iterdir()) == []

@@ -1,0 +1,271 @@
+"""The trainer's side of the scheduler: the finished batch, the step report that adopts it, the final validation.
+
+A part of SchedulerEngine (services.scheduler.engine), which holds the
+attributes annotated below. A report moves the temperature, adopts the new
+policy version, re-ranks at epoch boundaries and plans the next step.
+
+One trainer acts on a run at a time: each trainer registers at start and
+gets the next trainer epoch (register_trainer), which supersedes every
+older one. Batches and reports carry the sender's epoch and are refused
+unless it is the current one, so a trainer left running beside its
+replacement (a Job pod in its grace period) cannot report a step or pull
+the next one; it learns so and stops.
+
+A report is adopted only when the store holds every task the step planned,
+each finished; a report of a step already adopted is answered as applied
+only when it is the same report (policy version, weights path, skipped),
+as a restarted trainer re-sends it, and refused otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from typing import Callable, Sequence
+
+from e3.config import E3Config
+from e3.core.advantages import group_outcome
+from e3.core.difficulty import accuracy_ranks
+from e3.core.temperature import TemperatureConfig, observe_entropy
+from e3.failpoints import failpoint
+from e3.store.base import Store, StoreUnavailable
+from services.scheduler import stored_groups, validation
+from services.scheduler.failures import absorb_step_failures
+from services.scheduler.messages import SchedulerError, StepReport
+from services.scheduler.run_state import ALLOCATION_HISTORY, RunState
+
+log = logging.getLogger("scheduler")
+
+
+class TrainerSide:
+    """Gives the trainer each finished batch and absorbs its report."""
+
+    config: E3Config
+    store: Store
+    observer: object
+    state: RunState
+    question_ids: Sequence[str]
+    steps_per_epoch: int
+    temperature_config: TemperatureConfig
+    _ranks: dict[str, float] | None
+    _lock: threading.RLock
+    _step_complete: threading.Condition
+    halted: str | None
+    _check_live: Callable[[], None]
+    _commit: Callable[[RunState], None]
+
+    def register_trainer(self, trainer_id: str, epoch: int = 0) -> int:
+        """Epoch 0: give a starting trainer the next epoch, superseding the others. Else check `epoch` is current."""
+        self._check_live()
+        with self._lock:
+            if epoch:
+                self._check_trainer(epoch)
+                return epoch
+            new = copy.deepcopy(self.state)
+            new.trainer_epoch += 1
+            self._commit(new)
+            log.info("trainer %r registered: trainer epoch %d (earlier trainers are superseded)", trainer_id,
+                     new.trainer_epoch)
+            return new.trainer_epoch
+
+    def _check_trainer(self, epoch: int | None) -> None:
+        """Refuse a trainer call that carries anything but the current trainer epoch (None: in-process, unchecked)."""
+        if epoch is None:
+            return
+        current = self.state.trainer_epoch
+        if epoch == 0:
+            raise SchedulerError("failed_precondition", "trainer epoch 0: register first (RegisterTrainer) and send "
+                                 "the epoch it returns")
+        if epoch != current:
+            raise SchedulerError("failed_precondition", f"trainer epoch {epoch} is superseded: the run's trainer is "
+                                 f"epoch {current} (a newer trainer registered); this trainer must stop")
+
+    def wait_for_batch(self, step: int, wait_s: float, trainer_epoch: int | None = None) -> dict:
+        """The finished batch of `step`, waiting up to wait_s for its last groups.
+
+        "groups" are the training groups only; "validation" summarises the
+        step's validation groups (empty when none was due).
+        """
+        self._check_live()
+        with self._lock:
+            self._check_trainer(trainer_epoch)
+            current = self.state.step
+            if self.state.finished and step >= current:
+                raise SchedulerError("failed_precondition", f"the run is finished after step {current - 1}")
+        if step < current:
+            raise SchedulerError("failed_precondition", f"step {step} is already trained (current step is {current})")
+        if step > current:
+            raise SchedulerError("failed_precondition", f"step {step} is not planned yet (current step is {current})")
+        deadline = time.monotonic() + max(wait_s, 0.0)
+        with self._step_complete:
+            while True:
+                done, total = self.store.step_progress(step)
+                if total and done == total:
+                    break
+                remaining = deadline - time.monotonic()
+                if self.halted:
+                    self._check_live()
+                if remaining <= 0:
+                    raise SchedulerError("unavailable", f"step {step} has {done} of {total} groups; ask again")
+                # Submissions notify; the timeout also covers groups completed by another scheduler process.
+                self._step_complete.wait(min(remaining, 0.5))
+            record = self.allocation(step) or {}
+            groups = stored_groups.decode_all(self.store.step_groups(step))
+            return {
+                "step": step,
+                "policy_version": record.get("policy_version", self.state.policy_version),
+                "temperature": record.get("temperature", self.temperature),
+                "groups": [g for g in groups if validation.split_of(g["task_id"]) is None],
+                "validation": validation.summarize(groups),
+                "failed_tasks": self.store.step_failures(step),
+            }
+
+    def report(self, report: StepReport) -> dict:
+        """Absorb the trainer's report of the current step and plan the next one.
+
+        The new state is built on a copy and saved in one write, the commit
+        point: if the store fails before it, nothing has changed here and the
+        trainer's retry starts over (every earlier write is idempotent). The
+        trained step's tasks are dropped only after the commit.
+        """
+        self._check_live()
+        with self._lock:
+            self._check_trainer(report.trainer_epoch)
+            step, version = self.state.step, self.state.policy_version
+            if report.step == step - 1 and self.state.reports and self.state.reports[-1]["step"] == report.step:
+                self._check_same_report(self.state.reports[-1], report)
+                return self._ack()  # a retried report: already applied
+            if self.state.finished and (self.state.final_validation or {}).get("step") == report.step:
+                return self._ack()  # a retried report of the final validation step
+            if report.step != step:
+                raise SchedulerError("failed_precondition", f"report for step {report.step}, but the current step is {step}")
+            self._check_step_complete(step)
+            if report.new_policy_version not in (version, version + 1):
+                raise SchedulerError(
+                    "invalid_argument",
+                    f"new_policy_version must be {version} (no update) or {version + 1}, got {report.new_policy_version}",
+                )
+            if not report.skipped and not (math.isfinite(report.entropy) and report.entropy > 0):
+                raise SchedulerError("invalid_argument", f"entropy must be a positive number, got {report.entropy}")
+            if step >= self.config.training.steps:
+                return self._finish_validation(step, report)
+            if report.new_policy_version == version + 1 and not report.weights_path:
+                raise SchedulerError("invalid_argument", f"new_policy_version {version + 1} needs the weights_path "
+                                     f"it was published at")
+
+            all_groups = stored_groups.decode_all(self.store.step_groups(step))
+            groups = [g for g in all_groups if validation.split_of(g["task_id"]) is None]
+            measured = validation.summarize(all_groups)
+            outcomes = [group_outcome([s["reward"] for s in g["samples"]]).value for g in groups]
+            new = copy.deepcopy(self.state)
+            failed = self.store.step_failures(step)
+            absorb_step_failures(new, step, failed)
+            if measured:
+                new.validation = {"step": step, "policy_version": version} | measured
+            if not report.skipped:
+                new.temperature = observe_entropy(self.temperature_config, self.state.temperature, report.entropy)
+            new.policy_version = report.new_policy_version
+            if report.weights_path:
+                new.weights_path = report.weights_path
+            entry = {
+                "step": step,
+                "entropy": report.entropy,
+                "loss": report.loss,
+                "skipped": report.skipped,
+                "temperature": self.temperature,
+                "next_temperature": new.step_temperature(self.config.temperature),
+                "target_entropy": new.temperature.target_entropy,
+                "policy_version": report.new_policy_version,
+                "weights_path": report.weights_path,
+                "trainer_epoch": self.state.trainer_epoch,
+                "rollouts": sum(len(g["samples"]) for g in groups),
+                "outcomes": {o: outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")},
+                "metrics": dict(report.metrics),
+                "validation": measured,
+                "generation": self._generation_seconds(step),
+                "failed_tasks": len(failed),
+            }
+            new.reports = (new.reports + [entry])[-ALLOCATION_HISTORY:]
+            next_step = step + 1
+            if self.config.allocation.rerank == "step" or next_step % self.steps_per_epoch == 0:
+                ranks = accuracy_ranks(self.question_ids, self.store.all_stats())
+                self.store.save_ranks(ranks)
+                self._ranks = ranks
+            new.step = next_step
+            if next_step < self.config.training.steps:
+                self._plan(next_step, new)
+            elif self.validation:  # the run ends with a validation-only step numbered training.steps
+                self._plan_final_validation(next_step, new)
+            else:
+                new.finished = True
+            failpoint("report.before_commit")  # the next step may be queued; the state says nothing yet
+            self._commit(new)
+            failpoint("report.after_commit")  # adopted, not yet acknowledged, the trained step not dropped
+            try:
+                self.store.drop_step(step)
+            except StoreUnavailable as exc:
+                # The step is adopted; its finished tasks only take space until the
+                # next restart drops them (SchedulerEngine.__init__).
+                log.warning("step %d adopted, but dropping its tasks failed: %s", step, exc)
+            self._signal_work()
+            if self.observer:
+                if str(next_step) in new.allocations:
+                    self.observer.on_plan(new.allocations[str(next_step)])
+                self.observer.on_report(entry, self)
+            return self._ack()
+
+    def _finish_validation(self, step: int, report: StepReport) -> dict:
+        """Adopt the report of the final validation step: no update, the run is finished. Caller holds the lock."""
+        if report.new_policy_version != self.state.policy_version or not report.skipped:
+            raise SchedulerError("invalid_argument", f"step {step} validates the final policy only; report it "
+                                 f"skipped with new_policy_version {self.state.policy_version}")
+        measured = validation.summarize(stored_groups.decode_all(self.store.step_groups(step)))
+        new = copy.deepcopy(self.state)
+        new.final_validation = {"step": step, "policy_version": new.policy_version} | measured
+        if measured:
+            new.validation = new.final_validation
+        new.finished = True  # "step" stays training.steps: the steps trained
+        self._commit(new)
+        try:
+            self.store.drop_step(step)
+        except StoreUnavailable as exc:
+            log.warning("final validation step %d adopted, but dropping its tasks failed: %s", step, exc)
+        self._signal_work()
+        if self.observer and measured:
+            self.observer.on_validation(measured)
+        return self._ack()
+
+    def _check_step_complete(self, step: int) -> None:
+        """Refuse to adopt a step unless the store holds every task it planned, each finished. Caller holds the lock."""
+        done, total = self.store.step_progress(step)
+        record = self.allocation(step) or {}
+        planned = record.get("tasks")
+        if planned is None and step >= self.config.training.steps:
+            planned = len(self.validation.tasks(step, self.state.policy_version))
+        if total == 0 or (planned is not None and total != planned):
+            raise SchedulerError("failed_precondition", f"step {step} has {total} tasks in the store, but "
+                                 f"{planned if planned is not None else 'some'} were planned: the store lost them; "
+                                 f"the scheduler plans them again (ask again)")
+        if done != total:
+            raise SchedulerError("failed_precondition", f"step {step} is not complete ({done} of {total} groups)")
+
+    @staticmethod
+    def _check_same_report(adopted: dict, report: StepReport) -> None:
+        """A report of the step just adopted must be that report again, as a restarted trainer re-sends it."""
+        theirs = (report.new_policy_version, report.weights_path, report.skipped)
+        ours = (adopted["policy_version"], adopted.get("weights_path", report.weights_path), adopted["skipped"])
+        if theirs != ours:
+            raise SchedulerError("failed_precondition", f"step {report.step} was adopted with policy v{ours[0]} at "
+                                 f"{ours[1]!r} (skipped: {ours[2]}); this report says v{theirs[0]} at {theirs[1]!r} "
+                                 f"(skipped: {theirs[2]}): it is not the adopted report")
+
+    def _ack(self) -> dict:
+        return {
+            "next_step": self.state.step,
+            "next_temperature": self.temperature,
+            "finished": self.state.finished,
+            "entropy_target": self.state.temperature.target_entropy or 0.0,
+        }
