@@ -31,6 +31,16 @@ compose-check: setup
 k8s-check: setup
 	@$(PY) scripts/k8s_check.py
 
+# checkov's Kubernetes policies over the rendered overlays, against deploy/k8s/checkov-accepted.txt.
+# Not part of `make test`: checkov (pinned here) lives in its own virtualenv, outside the project's lock.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV := $(VENV)/e3-tools/checkov
+.PHONY: k8s-checkov
+k8s-checkov: setup
+	@[ -x $(CHECKOV_VENV)/bin/checkov ] && $(CHECKOV_VENV)/bin/checkov --version | grep -qx '$(CHECKOV_VERSION)' || \
+		{ $(PY) -m venv $(CHECKOV_VENV) && $(CHECKOV_VENV)/bin/pip install -q checkov==$(CHECKOV_VERSION); }
+	@$(PY) scripts/k8s_checkov.py --checkov $(CHECKOV_VENV)/bin/checkov
+
 # Benchmarks (docs in services/bench/learning.py and system.py); results land in bench/results/.
 # The -quick targets are the CI smoke sizes and write to runs/bench-quick/ instead.
 # BENCH_ARGS="--only trainer --device cuda" runs the trainer section alone, on a GPU (trainer.json/.md).

@@ -94,7 +94,9 @@ class DataConfig(_Section):
 class AllocationConfig(_Section):
     """E3.md section 1: rollout budget per question."""
 
-    mode: Literal["e3", "uniform"] = "e3"
+    mode: Literal["e3", "uniform", "knapsack"] = Field("e3", description="e3: the paper's difficulty rule; "
+                                                      "uniform: n each (GRPO); knapsack: the most expected "
+                                                      "informative groups (e3.core.policies.knapsack)")
     n: int = Field(8, ge=1, description="uniform group size; budget R = batch_questions * n")
     n_low: int = Field(4, ge=1)
     n_high: int = Field(12, ge=1)
@@ -169,6 +171,9 @@ class SchedulerConfig(_Section):
                            "(RenewLeases), so it bounds how long a dead replica's tasks wait, not a rollout's length")
     max_task_failures: int = Field(3, ge=1, description="ReportTaskFailure calls after which a task is marked "
                                    "failed (finished, no group) instead of re-queued")
+    max_task_expiries: int = Field(5, ge=0, description="expired leases after which a task is marked failed "
+                                   "(reason lease_expired) instead of re-queued: a prompt that takes down every "
+                                   "replica it reaches; 0: never")
     run_id: str = "e3"
     leader_lease_s: float = Field(15.0, gt=0, le=600, description="the scheduler's leader lease in the store: "
                                   "renewed every third of it; a successor (a second scheduler on the same run) "
@@ -248,11 +253,27 @@ class TrainerConfig(_Section):
         "generation to finish a step meanwhile)")
 
 
+def _read_token_file(path: str, where: str) -> str:
+    """The token a secret file holds, surrounding whitespace (a final newline) removed."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ValueError(f"{where}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: cannot read {path} ({exc})") from None
+    if not token:
+        raise ValueError(f"{where}: {path} is empty")
+    return token
+
+
 class AuthConfig(_Section):
     """One bearer token per role (services/common/auth.py says which calls each may make).
 
     A service with a token of its role unset refuses to start, unless
     `insecure_loopback` is true and everything it binds and calls is on loopback.
+    Each token may instead come from a file (`<role>_token_file`, E3_<ROLE>_TOKEN_FILE:
+    a mounted Secret, so the token is in no environment); the file is read when the
+    config loads, and a missing or empty one is refused, naming the file.
     """
 
     generation_token: str | None = Field(None, repr=False, description="the replicas' token: LeaseTasks, RenewLeases, "
@@ -262,6 +283,27 @@ class AuthConfig(_Section):
                                        "/v1 reads when api_read_open is false")
     insecure_loopback: bool = Field(False, description="allow a role with no token (its calls are then open), only "
                                     "when every address the service binds or calls is loopback")
+    generation_token_file: str | None = Field(None, description="a file holding generation_token (a mounted Secret)")
+    trainer_token_file: str | None = Field(None, description="a file holding trainer_token (a mounted Secret)")
+    operator_token_file: str | None = Field(None, description="a file holding operator_token (a mounted Secret)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_token_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for role in ("generation", "trainer", "operator"):
+            path = data.get(f"{role}_token_file")
+            if not path:  # unset, or E3_<ROLE>_TOKEN_FILE="": no file
+                continue
+            where = f"auth.{role}_token_file (E3_{role.upper()}_TOKEN_FILE)"
+            token = _read_token_file(str(path), where)
+            # The same token again is this file's, validated anew (an assignment, a dumped config).
+            if data.get(f"{role}_token") and data[f"{role}_token"] != token:
+                raise ValueError(f"auth.{role}_token and {where} are both set; set one")
+            data[f"{role}_token"] = token
+        return data
 
     @field_validator("generation_token", "trainer_token", "operator_token")
     @classmethod
@@ -339,6 +381,30 @@ class FaultConfig(_Section):
         return value
 
 
+class TrackingConfig(_Section):
+    """Experiment trackers that get each metrics.jsonl line too (services/trainer/tracking.py)."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="tensorboard (<run_dir>/tensorboard) and/or wandb (<run_dir>/wandb); "
+        "E3_TRACKING__REPORT_TO=tensorboard,wandb or `e3 run --report-to`")
+    wandb_project: str = Field("e3", min_length=1, description="the W&B project of the run")
+    wandb_entity: str | None = Field(None, description="the W&B team or user; None: W&B's default (WANDB_ENTITY)")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files only, `wandb sync` uploads them later; online: needs WANDB_API_KEY")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if value is None:  # E3_TRACKING__REPORT_TO=""
+            return []
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
 class E3Config(_Section):
     preset: str = "cpu"
     run_dir: str = "runs/latest"
@@ -367,6 +433,7 @@ class E3Config(_Section):
     auth: AuthConfig = AuthConfig()
     tls: TLSConfig = TLSConfig()
     fault: FaultConfig = FaultConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 # The paper's runs (E3.md sections 1-4; learning rates, response length and
@@ -414,6 +481,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "grpo": {"allocation": {"mode": "uniform"}, "temperature": {"control": False}},
     "e3-allocation-only": {"temperature": {"control": False}},
     "e3-temperature-only": {"allocation": {"mode": "uniform"}},
+    # Beyond the paper (../shared/reference/ALLOCATION.md): the same budget and bounds, spent where a
+    # group is most likely to hold both a right and a wrong answer; temperature control as E3's.
+    "knapsack": {"allocation": {"mode": "knapsack"}},
 }
 PRESETS["paper"] = PRESETS["paper-1.5b"]  # the earlier name of the 1.5B run
 
@@ -423,6 +493,9 @@ SHORT_ENV = {
     "E3_GENERATION_TOKEN": ("auth", "generation_token"),
     "E3_TRAINER_TOKEN": ("auth", "trainer_token"),
     "E3_OPERATOR_TOKEN": ("auth", "operator_token"),
+    "E3_GENERATION_TOKEN_FILE": ("auth", "generation_token_file"),
+    "E3_TRAINER_TOKEN_FILE": ("auth", "trainer_token_file"),
+    "E3_OPERATOR_TOKEN_FILE": ("auth", "operator_token_file"),
     "E3_RUN_DIR": ("run_dir",),
     "E3_PRESET": ("preset",),
     # The CPU stack's model (docker-compose.cpu.yml, the cpu overlay): it replaces any preset's.

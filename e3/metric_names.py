@@ -35,7 +35,7 @@ SUBMISSIONS_TOTAL = "e3_submissions_total"  # label result = accepted | duplicat
 SUBMISSIONS_REJECTED_TOTAL = "e3_submissions_rejected_total"  # label reason = the check that failed, as listed above
 LEASE_RENEWALS_TOTAL = "e3_lease_renewals_total"  # label result = renewed | lost
 TASK_FAILURE_REPORTS_TOTAL = "e3_task_failure_reports_total"  # label outcome = requeued | failed | stale | finished
-TASKS_FAILED_TOTAL = "e3_tasks_failed_total"  # label reason = prompt_too_long | engine_error | reward_error | rejected_group
+TASKS_FAILED_TOTAL = "e3_tasks_failed_total"  # label reason = prompt_too_long | engine_error | reward_error | rejected_group | lease_expired
 
 # Generation service (services/generation). Label replica on every series.
 GENERATION_TOKENS_TOTAL = "e3_generation_tokens_total"
@@ -49,3 +49,11 @@ GENERATION_REWARD_RETRIES_TOTAL = "e3_generation_reward_retries_total"
 TRAINER_STEP_SECONDS = "e3_trainer_step_seconds"  # histogram; label phase = wait | forward_backward | publish | validate
 TRAINER_LOSS = "e3_trainer_loss"
 TRAINER_SKIPPED_STEPS_TOTAL = "e3_trainer_skipped_steps_total"
+# The last trained step's batch, from its metrics.jsonl record (a skipped step with no groups leaves them as they were).
+TRAINER_MEAN_REWARD = "e3_trainer_mean_reward"
+TRAINER_RESPONSE_LENGTH_TOKENS = "e3_trainer_response_length_tokens"
+TRAINER_TRUNCATED_SHARE = "e3_trainer_truncated_share"
+TRAINER_GRAD_NORM = "e3_trainer_grad_norm"  # the largest over the step's mini-batches (training.mini_batches)
+TRAINER_CLIP_FRACTION = "e3_trainer_clip_fraction"
+TRAINER_SAMPLER_LOGPROB_DIFF = "e3_trainer_sampler_logprob_diff"  # label stat = mean | max
+TRAINER_GROUP_ROLLOUTS = "e3_trainer_group_rollouts"  # label level = the questions' difficulty level (0: none given)

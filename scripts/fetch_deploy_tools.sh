@@ -5,12 +5,15 @@
 #                   static linux/amd64 binary. Downloaded with pip (hash-pinned),
 #                   never installed: its build script would try to clone and
 #                   build Compose from GitHub.
-#   promtool        Prometheus' rule and config checker, from Debian's
-#                   `prometheus` package (apt-get download: nothing is installed
-#                   and no daemon starts).
-# Idempotent. A tool already on PATH (`docker compose`, `promtool`) is used as is.
-# promtool is optional (scripts/promql_checks.py does the same checks in
-# Python); Compose is not: without it `make compose-check` fails and says why.
+#   promtool        Prometheus' rule and config checker, and
+#   prometheus      the server itself, which tests/deploy/test_dashboards_live.py
+#                   starts on a free port to scrape a short run; both from
+#                   Debian's `prometheus` package (apt-get download: nothing is
+#                   installed and no daemon starts).
+# Idempotent. A tool already on PATH (`docker compose`, `promtool`, `prometheus`)
+# is used as is. The Prometheus pair is optional (scripts/promql_checks.py does
+# the static checks in Python; the tests that need a binary skip and say so);
+# Compose is not: without it `make compose-check` fails and says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
@@ -34,14 +37,24 @@ if ! docker compose version >/dev/null 2>&1 && [[ ! -x "$tools/docker-compose" ]
     echo "e3: $("$tools/docker-compose" version) in $tools" >&2
 fi
 
-if ! command -v promtool >/dev/null 2>&1 && [[ ! -x "$tools/promtool" ]]; then
+# Both binaries come from one .deb; fetch it once for whichever is missing.
+missing=()
+for tool in promtool prometheus; do
+    if ! command -v "$tool" >/dev/null 2>&1 && [[ ! -x "$tools/$tool" ]]; then
+        missing+=("$tool")
+    fi
+done
+if (( ${#missing[@]} )); then
     deb_dir="$(mktemp -d)"
     if (cd "$deb_dir" && apt-get download prometheus >/dev/null 2>&1); then
         dpkg-deb -x "$deb_dir"/prometheus_*.deb "$deb_dir/x"
-        install -m 0755 "$deb_dir/x/usr/bin/promtool" "$tools/promtool"
-        echo "e3: $("$tools/promtool" --version 2>&1 | head -1) in $tools" >&2
+        for tool in "${missing[@]}"; do
+            install -m 0755 "$deb_dir/x/usr/bin/$tool" "$tools/$tool"
+            echo "e3: $("$tools/$tool" --version 2>&1 | head -1) in $tools" >&2
+        done
     else
-        echo "e3: promtool unavailable (apt-get download prometheus failed); rules are checked in Python only" >&2
+        echo "e3: ${missing[*]} unavailable (apt-get download prometheus failed); rules are checked in Python only" \
+             "and the live dashboard test skips" >&2
     fi
     rm -rf "$deb_dir"
 fi

@@ -2,14 +2,16 @@
 
     python scripts/k8s_check.py                 check (exit 1 on problems, 2 if a tool is missing)
     python scripts/k8s_check.py --write-rules   regenerate the PrometheusRule from deploy/prometheus/rules
+    python scripts/k8s_check.py --preflight DIR your overlay as you will apply it (real secrets.env, your
+                                                registry): no placeholder image, no empty secret; `-`: stdin
 
 1. Each overlay is rendered with kustomize (`kubectl kustomize`, or a
    standalone `kustomize build`) from a scratch copy of deploy/ holding
    stand-in secrets (the real secrets.env is the operator's).
 2. Every built-in object is validated against the Kubernetes schemas of
-   K8S_VERSION (the kubernetes-validate package, strict: unknown fields fail).
-   The prometheus-operator kinds (ServiceMonitor, PrometheusRule) have no
-   schema there and get the semantic checks below instead.
+   K8S_VERSION (the kubernetes-validate package, strict: unknown fields fail),
+   the prometheus-operator kinds (ServiceMonitor, PrometheusRule) against the
+   vendored CRDs' schemas (scripts/k8s_crds.py, as strict).
 3. The rendered objects are compared with the code (scripts/deploy_facts.py):
    commands through each service's argparse, environment through e3.config,
    container ports, probes, Services, ServiceMonitors, shared volumes, the
@@ -19,6 +21,14 @@
    directory) are checked for every preset E3_PRESET in e3-settings may
    select: mounted where each pod opens them, on the same volume everywhere,
    the e3-base-model Job and the init containers looking at the same model.
+   Role tokens are read from the Secret keys mounted where *_FILE points
+   (scripts/k8s_secrets.py); none travels as a variable.
+4. What a cluster needs beyond schemas (scripts/k8s_hygiene.py): requests and
+   limits on every container, registry-qualified images, the PriorityClasses,
+   vLLM's cache on a volume claim, Redis' maxmemory and noeviction, the
+   `release` label kube-prometheus-stack selects by.
+5. Each overlay is also rendered with each component of deploy/k8s/components
+   (COMPONENTS) and checked again.
 """
 
 from __future__ import annotations
@@ -26,7 +36,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -40,12 +53,16 @@ from k8s_netpol import Policies, Pod, selects
 from urllib.parse import urlsplit
 
 from k8s_render import INDEX_LABEL, Rendered, _container_port, _expand, _id, _mount_for, _volume_identity, render
+import k8s_crds
+import k8s_hygiene as hygiene
+from k8s_secrets import RenderedWithSecretFiles, secret_problems
 from k8s_render import kustomize_command  # noqa: F401  (tests ask the checker for it)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.33"
 OVERLAYS = ("gpu", "cpu", "gpu-multinode")
+COMPONENTS = {"nodelocal-dns": "gpu"}  # each checked on this overlay
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 PROMETHEUS_RULE = K8S_DIR / "base" / "monitoring" / "prometheusrule.yaml"
 ADAPTER_VALUES = K8S_DIR / "addons" / "prometheus-adapter-values.yaml"
@@ -70,6 +87,8 @@ def schema_problems(docs: list[dict], overlay: str) -> list[str]:
     out = []
     for doc in docs:
         if (doc.get("apiVersion"), doc.get("kind")) in CRD_KINDS:
+            found = k8s_crds.crd_problems(doc, f"overlay {overlay}: {_id(doc)}")
+            out += found if found is not None else [f"overlay {overlay}: {_id(doc)}: no CRD schema for it"]
             continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -84,11 +103,11 @@ def schema_problems(docs: list[dict], overlay: str) -> list[str]:
 # ---------------------------------------------------------------- drift checks
 
 def drift_problems(docs: list[dict], overlay: str) -> list[str]:
-    r = Rendered(docs, overlay)
+    r = RenderedWithSecretFiles(docs, overlay)
     out = list(r.problems)
     for name, (workload, container, c, res) in r.e3.items():
         out += facts.env_problems(c) + facts.serving_problems(c, res)
-        out += facts.token_problems(c, "from the e3 secret")
+        out += facts.token_problems(c, "from the e3 secret (a file, E3_<ROLE>_TOKEN_FILE)")
         out += _container_problems(r, workload, container, c, res)
         out += _model_and_path_problems(r, workload, container, c, res)
         if facts.env_read_by(c.service)[1] and "E3_PRESET" not in c.env:
@@ -97,7 +116,9 @@ def drift_problems(docs: list[dict], overlay: str) -> list[str]:
     out += _preset_problems(r)
     out += _dial_problems(r) + _service_problems(r) + _monitor_problems(r)
     out += _autoscaler_problems(r) + _security_problems(r) + _storage_problems(r) + _netpol_problems(r)
-    out += _dashboard_and_rule_problems(r)
+    out += _dashboard_and_rule_problems(r) + secret_problems(r)
+    out += hygiene.resource_problems(r) + hygiene.image_problems(r) + hygiene.priority_problems(r)
+    out += hygiene.cache_problems(r) + hygiene.redis_problems(r) + hygiene.monitoring_label_problems(r)
     return out
 
 
@@ -262,7 +283,7 @@ def _preset_problems(r: Rendered) -> list[str]:
 
 
 def overlay_wants_gpu(overlay: str) -> bool:
-    return overlay != "cpu"  # gpu and gpu-multinode
+    return overlay.split("+")[0] != "cpu"  # gpu and gpu-multinode, and variants of them (gpu+nodelocal-dns)
 
 
 def _shared_path_problems(r: Rendered, resolved: dict, preset: str | None = None) -> list[str]:
@@ -464,7 +485,16 @@ def _pods(r: Rendered) -> dict[str, Pod]:
 
 
 def _netpol_problems(r: Rendered) -> list[str]:
-    policies = Policies(list(r.kind("NetworkPolicy").values()))
+    # ipBlock policies (the NodeLocal DNSCache component) are checked for their one allowed form;
+    # the pod-to-pod model below knows only selectors.
+    def by_address(policy: dict) -> bool:
+        rules = [(rule.get("to") or []) for rule in policy["spec"].get("egress") or []]
+        rules += [(rule.get("from") or []) for rule in policy["spec"].get("ingress") or []]
+        return any("ipBlock" in peer for peers in rules for peer in peers)
+
+    all_policies = list(r.kind("NetworkPolicy").values())
+    out = [p for policy in all_policies if by_address(policy) for p in hygiene.dns_cache_policy_problems(policy, r.overlay)]
+    policies = Policies([policy for policy in all_policies if not by_address(policy)])
     pods = _pods(r)
     needed: set[tuple[str, str, int]] = set()
     for name, (workload, container, c, res) in r.e3.items():
@@ -480,7 +510,7 @@ def _netpol_problems(r: Rendered) -> list[str]:
         if c.service == "trainer":  # torchrun and NCCL between the trainer's own pods
             needed |= {(name, name, p) for p in pods[name].ports.values()}
     everyone = {**pods, "prometheus": PROMETHEUS_POD, "some-other-pod": OUTSIDER_POD}
-    out = [f"overlay {r.overlay}: {p}" for p in policies.open_rules()]
+    out += [f"overlay {r.overlay}: {p}" for p in policies.open_rules()]
     for source, destination, port in sorted(needed):
         if not policies.allows(everyone[source], pods[destination], port):
             out.append(f"overlay {r.overlay}: NetworkPolicies block {source} -> {destination}:{port}, which it needs")
@@ -512,6 +542,37 @@ def _dashboard_and_rule_problems(r: Rendered) -> list[str]:
     return out
 
 
+def render_variant(overlay: str, kustomization: str = "", components: tuple[str, ...] = ()) -> list[dict]:
+    """An overlay as an operator's own would build on it: `kustomization` (YAML: images:, patches:, ...)
+    and `components` (names under deploy/k8s/components) over overlays/<overlay>, rendered like the rest."""
+    with tempfile.TemporaryDirectory(prefix="e3-k8s-variant-") as scratch:
+        copy = Path(scratch) / "deploy"
+        shutil.copytree(ROOT / "deploy", copy, ignore=shutil.ignore_patterns("secrets.env"))
+        variant = copy / "k8s" / "overlays" / "_variant"
+        variant.mkdir()
+        head = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [f"../{overlay}"]}
+        if components:
+            head["components"] = [f"../../components/{c}" for c in components]
+        (variant / "kustomization.yaml").write_text(yaml.safe_dump(head) + kustomization)
+        return render("_variant", copy)
+
+
+def preflight(source: str) -> list[str]:
+    """Problems of an overlay as it will be applied: rendered from `source` as it is (real secrets.env),
+    or read from stdin (`-`, e.g. `kubectl kustomize DIR | ... --preflight -`)."""
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        command = kustomize_command()
+        if command is None:
+            raise FileNotFoundError("neither kubectl nor kustomize is installed; one is needed to render an overlay")
+        done = subprocess.run([*command, source], capture_output=True, text=True)
+        if done.returncode != 0:
+            return [f"{source}: kustomize failed: {done.stderr.strip()}"]
+        text = done.stdout
+    return hygiene.preflight_problems([doc for doc in yaml.safe_load_all(text) if doc])
+
+
 def check() -> tuple[list[str], list[str]]:
     problems: list[str] = []
     if not PROMETHEUS_RULE.is_file() or PROMETHEUS_RULE.read_text() != prometheus_rule_text():
@@ -525,13 +586,34 @@ def check() -> tuple[list[str], list[str]]:
             continue
         notes.append(f"overlay {overlay}: {len(docs)} objects")
         problems += schema_problems(docs, overlay) + drift_problems(docs, overlay)
+    for component, overlay in COMPONENTS.items():
+        name = f"{overlay}+{component}"
+        try:
+            docs = render_variant(overlay, components=(component,))
+        except facts.DriftError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        notes.append(f"overlay {name}: {len(docs)} objects")
+        problems += schema_problems(docs, name) + drift_problems(docs, name)
     return problems, notes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-rules", action="store_true", help="regenerate the PrometheusRule, then check")
+    parser.add_argument("--preflight", metavar="DIR", help="check the overlay in DIR (or `-`: rendered YAML on stdin) "
+                        "as it will be applied: no placeholder image, no empty secret; nothing else")
     args = parser.parse_args(argv)
+    if args.preflight:
+        try:
+            problems = preflight(args.preflight)
+        except FileNotFoundError as exc:
+            print(f"k8s-check: {exc}", file=sys.stderr)
+            return 2
+        for problem in problems:
+            print(f"k8s-check: {problem}", file=sys.stderr)
+        print(f"k8s-check: preflight {'FAILED, ' + str(len(problems)) + ' problem(s)' if problems else 'ok'}")
+        return 1 if problems else 0
     if args.write_rules:
         PROMETHEUS_RULE.write_text(prometheus_rule_text())
         print(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)}")

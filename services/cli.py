@@ -1,6 +1,6 @@
 """The `e3` command line: `run` trains, `inspect` shows the base policy and an allocation, `eval` measures pass@k.
 
-    e3 run [--config FILE] [--preset NAME] [--steps N] [--replicas N] [--run-dir DIR]
+    e3 run [--config FILE] [--preset NAME] [--steps N] [--replicas N] [--run-dir DIR] [--report-to tensorboard,wandb]
     e3 inspect [--batch 20] [--samples 8]
     e3 eval --model DIR --dataset arithmetic-valid|PATH [--samples 16] [--k 1,2,4,8,16] [--out FILE]
 
@@ -32,6 +32,8 @@ def _run(args) -> int:
         overrides["training"] = {"steps": args.steps}
     if args.replicas:
         overrides["generation"] = {"replicas": args.replicas}
+    if args.report_to is not None:
+        overrides["tracking"] = {"report_to": args.report_to}  # "tensorboard,wandb"; tracking.report_to checks it
     config = load_config(args.config, **overrides)
     require_base_model(config)  # before a run directory is made for a run that cannot start
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int)
     run.add_argument("--replicas", type=int)
     run.add_argument("--run-dir")
+    run.add_argument("--report-to", metavar="tensorboard,wandb",
+                     help="also send each step's metrics to TensorBoard and/or W&B (offline; tracking.* in e3/config.py)")
     inspect = sub.add_parser("inspect", help="base policy per-level accuracy and an E3 allocation for one batch")
     inspect.add_argument("--batch", type=int, default=20)
     inspect.add_argument("--samples", type=int, default=8)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 from e3.core.allocation import WideningSchedule, allocate_by_difficulty, allocate_uniform
-from e3.core.difficulty import batch_ranks
+from e3.core.difficulty import QuestionStats, batch_ranks
+from e3.core.policies import AllocationRequest, Candidate, make_policy
 
 
 def steps_per_epoch(num_questions: int, batch_questions: int) -> int:
@@ -55,12 +56,18 @@ def plan_step(
     batch_questions: int,
     seed: int,
     shuffle: bool,
-    mode: Literal["e3", "uniform"],
+    mode: Literal["e3", "uniform", "knapsack"],
     schedule: WideningSchedule,
     ranks: Mapping[str, float],
     priors: Mapping[str, float | None],
+    stats_of: Callable[[list[str]], Mapping[str, QuestionStats]] | None = None,
 ) -> StepPlan:
-    """The batch and per-question rollout counts of a 0-based step."""
+    """The batch and per-question rollout counts of a 0-based step.
+
+    `knapsack` reads the batch's statistics through `stats_of` (the store's,
+    in the scheduler) and allocates within the same widening bounds as E3,
+    so that the two differ only in where the budget goes.
+    """
     per_epoch = steps_per_epoch(len(question_ids), batch_questions)
     epoch, position = divmod(step, per_epoch)
     order = epoch_order(question_ids, epoch, seed, shuffle)
@@ -71,5 +78,12 @@ def plan_step(
                         schedule.n, schedule.n, budget)
     n_min, n_max = schedule.bounds(epoch)
     batch_rank_values = batch_ranks(batch, ranks, priors)
+    if mode == "knapsack":
+        if stats_of is None:
+            raise ValueError("the knapsack allocation needs the batch's statistics (stats_of)")
+        stats = stats_of(batch)
+        candidates = tuple(Candidate(q, stats.get(q, QuestionStats()), priors.get(q), ranks.get(q)) for q in batch)
+        counts = make_policy("knapsack").allocate(AllocationRequest(candidates, budget, n_min, n_max, seed=step))
+        return StepPlan(step, epoch, batch, batch_rank_values, counts, n_min, n_max, budget)
     counts = allocate_by_difficulty(batch_rank_values, budget, n_min, n_max)
     return StepPlan(step, epoch, batch, batch_rank_values, counts, n_min, n_max, budget)

@@ -43,6 +43,7 @@ class TaskRecord:
     lease_expires_at: float = 0.0
     times_leased: int = 0
     failures: int = 0  # ReportTaskFailure calls counted for this task
+    expiries: int = 0  # leases of this task that ran out (their replica died or froze)
 
 
 class SubmitOutcome(str, enum.Enum):
@@ -206,8 +207,14 @@ class Store(ABC):
         """Hand up to max_tasks queued tasks to a replica, each with a fresh lease_id."""
 
     @abstractmethod
-    def expire_leases(self, now: float) -> list[str]:
-        """Return tasks whose lease ran out to the front of the queue; their ids."""
+    def expire_leases(self, now: float, max_expiries: int = 0) -> list[str]:
+        """Return tasks whose lease ran out to the front of the queue; the ids of every expired lease.
+
+        With max_expiries > 0, a task whose lease has now run out that many
+        times is not queued again: it is FAILED (reason "lease_expired"),
+        finished for step progress and recorded in step_failures, like a task
+        failed by reports. A task that takes down every replica it reaches
+        (a poison prompt) must not be handed out forever."""
 
     @abstractmethod
     def release(self, replica_id: str) -> list[str]:
@@ -306,6 +313,9 @@ def encode_completion(group: bytes, rewards: Sequence[float]) -> tuple[bytes, in
         if not math.isfinite(value):
             raise ValueError(f"reward {index} is {value}; rewards must be finite")
     return bytes(group), len(values), float(sum(values))
+
+
+EXPIRED_REASON = "lease_expired"  # the failure reason of a task whose lease ran out max_expiries times
 
 
 def failure_record(task: TaskRecord, reason: str, detail: str, replica_id: str) -> dict:

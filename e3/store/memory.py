@@ -34,6 +34,7 @@ from typing import Sequence
 
 from e3.core.difficulty import QuestionStats
 from e3.store.base import (
+    EXPIRED_REASON,
     FailOutcome,
     FailResult,
     LeaderClaim,
@@ -171,12 +172,25 @@ class MemoryStore(Store):
                 out.append(dataclasses.replace(task))
         return out
 
-    def expire_leases(self, now: float) -> list[str]:
+    def expire_leases(self, now: float, max_expiries: int = 0) -> list[str]:
         with self._lock:
             # Expiry order, ties by id: the order Redis's sorted set gives.
-            ids = self._requeue([t for t, e in self._leases.items() if e <= now])
-            self._expiries += len(ids)
-            return ids
+            expired = sorted((t for t, e in self._leases.items() if e <= now), key=lambda t: (self._leases[t], t))
+            again = []
+            for task_id in expired:
+                task = self._tasks[task_id]
+                task.expiries += 1
+                if max_expiries > 0 and task.expiries >= max_expiries:
+                    del self._leases[task_id]
+                    task.status = TaskStatus.FAILED
+                    detail = f"its lease expired {task.expiries} times; last held by {task.leased_by}"
+                    self._failed[task.step][task_id] = json.dumps(
+                        failure_record(task, EXPIRED_REASON, detail, task.leased_by))
+                else:
+                    again.append(task_id)
+            self._requeue(again)
+            self._expiries += len(expired)
+            return expired
 
     def _requeue(self, task_ids: list[str]) -> list[str]:
         """Put leased tasks back at the queue's front in expiry order (ties by id); caller holds the lock."""
@@ -451,6 +465,8 @@ def _task_to_json(task: TaskRecord) -> dict:
 def _task_from_json(raw: dict) -> TaskRecord:
     if isinstance(raw, dict) and "failures" not in raw:
         raw = raw | {"failures": 0}  # written before tasks could fail
+    if isinstance(raw, dict) and "expiries" not in raw:
+        raw = raw | {"expiries": 0}  # written before expiries were counted
     if not isinstance(raw, dict) or set(raw) != set(_TASK_TYPES):
         raise ValueError(f"task record must have exactly the fields {sorted(_TASK_TYPES)}, got {raw!r}")
     values = {}

@@ -64,13 +64,29 @@ for i = #ids, 1, -1 do
 end
 """
 
-# ARGV: prefix, now. Every expired lease, in expiry order.
+# ARGV: prefix, now, max expiries (0: no limit). Every expired lease, in expiry order; a task
+# whose lease ran out max-expiries times is failed (reason lease_expired) instead of queued again.
 EXPIRE = """
-local prefix = ARGV[1]
-local ids = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', ARGV[2])
+local prefix, limit = ARGV[1], tonumber(ARGV[3])
+local expired = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', ARGV[2])
+local ids = {}
+for _, id in ipairs(expired) do
+  local key = prefix .. 'task:' .. id
+  local n = redis.call('HINCRBY', key, 'expiries', 1)
+  if limit > 0 and n >= limit then
+    local step, question, by, failures = unpack(redis.call('HMGET', key, 'step', 'question_id', 'leased_by', 'failures'))
+    redis.call('ZREM', prefix .. 'leases', id)
+    redis.call('HSET', key, 'status', 'failed')
+    redis.call('HSET', prefix .. 'step:' .. step .. ':failed', id, cjson.encode({
+      task_id = id, question_id = question, reason = 'lease_expired', replica_id = by,
+      detail = 'its lease expired ' .. n .. ' times; last held by ' .. by, failures = tonumber(failures or '0')}))
+  else
+    ids[#ids + 1] = id
+  end
+end
 """ + REQUEUE_IDS + """
-if #ids > 0 then redis.call('HINCRBY', prefix .. 'counters', 'lease_expiries', #ids) end
-return ids
+if #expired > 0 then redis.call('HINCRBY', prefix .. 'counters', 'lease_expiries', #expired) end
+return expired
 """
 
 # ARGV: prefix, replica id. Every lease the replica holds.

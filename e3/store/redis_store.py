@@ -285,8 +285,8 @@ class RedisStore(Store):
         reply = self._lease(args=[self._p, replica_id, expires, max_tasks, uuid.uuid4().hex])
         return [_task_from_text(dict(zip(flat[::2], flat[1::2]))) for flat in reply]
 
-    def expire_leases(self, now: float) -> list[str]:
-        return list(self._expire(args=[self._p, repr(float(now))]))
+    def expire_leases(self, now: float, max_expiries: int = 0) -> list[str]:
+        return list(self._expire(args=[self._p, repr(float(now)), int(max_expiries)]))
 
     def release(self, replica_id: str) -> list[str]:
         return list(self._release(args=[self._p, replica_id]))
@@ -396,6 +396,8 @@ def _task_or_none(fields: dict[str, str]) -> TaskRecord | None:
 def _task_from_text(fields: dict[str, str]) -> TaskRecord:
     if fields and "failures" not in fields:
         fields = fields | {"failures": "0"}  # written before tasks could fail
+    if fields and "expiries" not in fields:
+        fields = fields | {"expiries": "0"}  # written before expiries were counted
     try:
         return TaskRecord(**{name: kind(fields[name]) for name, kind in _TASK_TYPES.items()})
     except (KeyError, ValueError) as exc:

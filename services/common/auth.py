@@ -8,7 +8,10 @@ the reward service's /v1/score), `trainer` (StreamBatch, ReportStep) and
 (HTTP 401); a known token of the wrong role is PERMISSION_DENIED (HTTP 403)
 naming the role and the call. A role whose token is unset is open, which a
 service allows only with `auth.insecure_loopback: true` and every address it
-binds or calls on loopback (require_tokens, run at start-up).
+binds or calls on loopback (require_tokens, run at start-up). A token comes
+from its variable (E3_GENERATION_TOKEN) or from a file that variable's _FILE
+twin names (E3_GENERATION_TOKEN_FILE, a mounted Secret); e3.config reads the
+file and refuses a missing or empty one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from e3.config import AuthConfig, ConfigError
 
 ROLES = ("generation", "trainer", "operator")
 ENV = {role: f"E3_{role.upper()}_TOKEN" for role in ROLES}  # e3.config.SHORT_ENV
+ENV_FILE = {role: f"{name}_FILE" for role, name in ENV.items()}  # a file holding the token instead
 GRPC_ROLES = {
     "LeaseTasks": "generation", "RenewLeases": "generation", "SubmitGroup": "generation",
     "ReportTaskFailure": "generation", "StreamBatch": "trainer", "ReportStep": "trainer", "RegisterTrainer": "trainer",
@@ -39,8 +43,8 @@ SERVICE_ROLES = {
 
 
 def setting(role: str) -> str:
-    """The config field and environment variable of a role's token, for messages."""
-    return f"auth.{role}_token ({ENV[role]})"
+    """The config field and environment variables of a role's token, for messages."""
+    return f"auth.{role}_token ({ENV[role]}, or a file named by {ENV_FILE[role]})"
 
 
 def is_loopback(host: str) -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from e3 import metric_names
-from e3.verify import Verdict
+from e3.verify import VERIFIERS, Verdict
 
 # Checks take milliseconds when they succeed and the timeout when they do not;
 # the top buckets make a raised timeout visible too.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+# What a built-in verifier's Verdict.outcome can be (they give 0 or 1, never partial credit).
+OUTCOMES = ("correct", "incorrect", "timeout", "error")
 
 
 class RewardMetrics:
@@ -34,6 +36,12 @@ class RewardMetrics:
             ["verifier"],
             registry=registry,
         )
+        # The built-in verifiers' counters exist at 0 before their first event, so that panels and the
+        # timeout alert read 0 rather than nothing and increase() counts the first event too.
+        for verifier in VERIFIERS:
+            self.timeouts.labels(verifier=verifier)
+            for outcome in OUTCOMES:
+                self.verifications.labels(verifier=verifier, outcome=outcome)
 
     def record(self, verifier: str, verdict: Verdict) -> None:
         outcome = verdict.outcome

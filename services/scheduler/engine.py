@@ -87,6 +87,7 @@ class SchedulerEngine(Planning, Leasing, GroupIntake, TrainerSide, ReadViews, Re
         self._lock = threading.RLock()
         self._step_complete = threading.Condition(self._lock)
         self._work = WorkSignal(MAX_LEASE_WAITERS)
+        self._expired_at = float("-inf")  # Leasing: when a lease call last ran the expiry
         # What a submitted sample may hold (services.scheduler.submission).
         self.limits = ModelLimits(vocab_size, config.training.max_tokens, context_length(config))
         self.prompts = PromptBook()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from e3 import metric_names as m
+from e3.core.advantages import GroupOutcome
+from e3.store.base import SubmitOutcome
 
 
 class SchedulerMetrics:
@@ -48,6 +50,14 @@ class SchedulerMetrics:
                                        ["reason", "outcome"], registry=r)
         self.tasks_failed = Counter(m.TASKS_FAILED_TOTAL, "Tasks marked failed (finished with no group), by the last reason",
                                     ["reason"], registry=r)
+        # Labelled counters the dashboards and alerts read exist at 0 before their first event, so that a
+        # panel shows 0 rather than no data and increase() counts the first event too.
+        for outcome in GroupOutcome:
+            self.groups.labels(outcome.value)
+        for result in [*(o.value for o in SubmitOutcome), "rejected"]:
+            self.submissions.labels(result)
+        for result in ("renewed", "lost"):
+            self.renewals.labels(result)
 
     def bind(self, engine) -> None:
         """Gauges read live from the engine and store at scrape time."""
@@ -89,6 +99,10 @@ class SchedulerMetrics:
         self.failure_reports.labels(reason, outcome.value).inc()
         if outcome.value == "failed":
             self.tasks_failed.labels(reason).inc()
+
+    def on_tasks_failed(self, reason: str, count: int) -> None:
+        """Tasks the scheduler itself marked failed (their leases expired too often)."""
+        self.tasks_failed.labels(reason).inc(count)
 
     def on_report(self, entry: dict, engine) -> None:
         self.trained.inc(entry["rollouts"])

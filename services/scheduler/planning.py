@@ -50,6 +50,7 @@ class Planning:
             self.schedule,
             self.ranks(),
             self.priors,
+            stats_of=self.store.stats,
         )
         temperature = state.step_temperature(self.config.temperature)
         tasks = [

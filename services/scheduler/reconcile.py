@@ -32,7 +32,8 @@ import logging
 import threading
 from typing import Callable
 
-from e3.store.base import StateConflict, StepAlreadyPlanned, Store
+from e3.config import E3Config
+from e3.store.base import StateConflict, Store
 from services.scheduler.messages import SchedulerError
 from services.scheduler.run_state import RunState
 
@@ -46,8 +47,13 @@ class Reconciliation:
     state: RunState
     _lock: threading.RLock
     _step_complete: threading.Condition
+    config: E3Config
     halted: str | None
     on_halt: Callable[[str], None] | None
+    _plan: Callable[[int, RunState], bool]
+    _plan_final_validation: Callable[[int, RunState], bool]
+    _signal_work: Callable[[], None]
+    close: Callable[[], None]
 
     def _commit(self, new: RunState) -> None:
         """Save `new` as the next revision of the state, where the store still holds ours; then adopt it.
@@ -122,13 +128,11 @@ class Reconciliation:
 
     def _replan_current(self) -> None:
         """Queue the current step's tasks again where the store lacks them. Caller holds the lock."""
-        try:
-            if self.state.step >= self.config.training.steps:
-                self._plan_final_validation(self.state.step, self.state)
-            else:
-                self._plan(self.state.step, self.state)
-        except StepAlreadyPlanned:  # pragma: no cover - _plan absorbs it; kept for clarity
-            pass
+        # Both are idempotent: a step the store still holds planned is left as it is.
+        if self.state.step >= self.config.training.steps:
+            self._plan_final_validation(self.state.step, self.state)
+        else:
+            self._plan(self.state.step, self.state)
         done, total = self.store.step_progress(self.state.step)
         planned = (self.state.allocations.get(str(self.state.step)) or {}).get("tasks")
         if planned and total != planned:

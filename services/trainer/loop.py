@@ -59,6 +59,7 @@ from services.trainer.empty_step import empty_step
 from services.trainer.disk import agree_on_write
 from services.trainer.publish import PublishFailed, declared_dtype, discard_unreported_versions, publish_state, version_dir
 from services.trainer.scheduler_client import FINISHED, SchedulerClient, TrainerSuperseded, TrainingStopped
+from services.trainer.tracking import NullTracker, open_tracker
 
 log = logging.getLogger("trainer")
 
@@ -115,6 +116,7 @@ class Trainer:
             self.scheduler.register()
         # Rank 0's trainer epoch names its published policies; only rank 0 reports, the others never need it.
         self.epoch = self.scheduler.epoch if self.main else 0
+        self.tracker = open_tracker(config) if self.main else NullTracker()  # TensorBoard, W&B: tracking.report_to
         torch.set_num_threads(c.threads)
         torch.manual_seed(config.training.seed)
         self.generator = torch.Generator().manual_seed(config.training.seed)
@@ -264,6 +266,7 @@ class Trainer:
                     (self.paths.run_dir / "v000000").rename(final)
             if self.main:
                 log.info("training finished after %d steps; final model in %s", t.steps, final)
+        self.tracker.close()
 
     def _next_order(self, stop) -> dict:
         """Rank 0: the next step to train, {"kind": "train", "step", "batch"}, or {"kind": "stop"}."""
@@ -336,6 +339,7 @@ class Trainer:
                   "tokens_total": self.progress.tokens_trained, "time": time.time()} | batch["validation"]
         with self.paths.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.tracker.log(trained, record)
 
     def _finish_validation_step(self, step: int) -> None:
         """Report the final validation step: nothing to train, the policy stays."""
@@ -357,6 +361,7 @@ class Trainer:
             }
             with self.paths.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.tracker.log(record["step"], record)
             if self.metrics:
                 self.metrics.observe(record)
         self.progress.pending_report = self.progress.pending_record = None

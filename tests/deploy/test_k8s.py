@@ -45,7 +45,9 @@ def test_the_deployment_has_every_object_the_issue_asks_for(rendered):
                    ("Deployment", "e3-reward"), ("Service", "e3-reward"), ("Deployment", "e3-generation"),
                    ("PodDisruptionBudget", "e3-generation"), ("HorizontalPodAutoscaler", "e3-generation"),
                    ("Job", "e3-trainer"), ("PersistentVolumeClaim", "e3-shared"), ("PrometheusRule", "e3"),
-                   ("ConfigMap", "e3-dashboard-training"), ("ConfigMap", "e3-dashboard-system")]:
+                   ("ConfigMap", "e3-dashboard-training"), ("ConfigMap", "e3-dashboard-system"),
+                   ("PersistentVolumeClaim", "e3-compile-cache"), ("PriorityClass", "e3-trainer"),
+                   ("PriorityClass", "e3-generation"), ("PriorityClass", "e3-control")]:
         assert wanted in kinds
     assert {n for k, n in kinds if k == "ServiceMonitor"} == {"e3-scheduler", "e3-reward", "e3-generation", "e3-trainer"}
     assert any(k == "Secret" and n.startswith("e3-secrets-") for k, n in kinds)
@@ -76,8 +78,8 @@ def _open_reward_to_trainer(docs):
     (lambda d: settings(d)["data"].update(E3_PRESET="bogus"), "unknown preset 'bogus'"),
     (lambda d: container(d, "Job", "e3-trainer")["volumeMounts"][1].update(readOnly=True), "writes run_dir"),
     (lambda d: container(d, "Job", "e3-trainer")["volumeMounts"][1].update(subPath="other"), "run_dir is not the same path"),
-    (lambda d: next(e for e in container(d, "Job", "e3-trainer")["env"] if e["name"] == "E3_TRAINER_TOKEN")["valueFrom"]["secretKeyRef"].update(key="NOPE"),
-     "missing secret key"),
+    (lambda d: next(v for v in find(d, "Job", "e3-trainer")["spec"]["template"]["spec"]["volumes"] if v["name"] == "secrets")
+     ["projected"]["sources"][0]["secret"]["items"][0].update(key="NOPE"), "which has no such key"),
     (lambda d: init_container(d, "Deployment", "e3-generation").update(
         command=["sh", "-c", "until [ -f /var/lib/e3/artifacts/model/config.json ]; do sleep 5; done"]),
      "waits for /var/lib/e3/artifacts/model/config.json"),
@@ -138,7 +140,8 @@ def test_cpu_overlay_requests_no_gpu_and_trains_on_the_cpu(rendered):
     docs = rendered["cpu"]
     assert "nvidia.com/gpu" not in str(docs)
     trainer = container(docs, "Job", "e3-trainer")
-    assert {"name": "E3_TRAINER__DEVICE", "value": "cpu"} in trainer["env"] and trainer["image"].startswith("e3/generation-cpu")
+    assert {"name": "E3_TRAINER__DEVICE", "value": "cpu"} in trainer["env"] and trainer["image"].startswith(
+        "REPLACE-ME.example.invalid/e3/generation-cpu:")
 
 
 def test_prometheus_rule_is_generated_from_the_rule_files():

@@ -164,7 +164,7 @@ def test_scheduler_state_matches_the_run(finished_run):
     assert state["finished"] and state["step"] == STEPS + 1 and state["epoch"] == 1
     assert state["policy_version"] == train[-1]["policy_version"] == STEPS + 1
     assert state["queue_depth"] == 0 and state["leased_tasks"] == 0
-    assert Path(state["weights_path"]).name == f"v{STEPS + 1:06d}"
+    assert Path(state["weights_path"]).name == f"v{STEPS + 1:06d}.t0001"  # published by trainer epoch 1
     assert (finished_run["run_dir"] / "final-model" / "model.safetensors").exists()
     evals = [r for r in finished_run["records"] if "val_accuracy" in r]
     # Validated by the replicas: the base policy, every second step's, and the final one.

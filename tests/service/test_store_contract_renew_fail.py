@@ -142,3 +142,28 @@ def test_memory_snapshot_keeps_failures_and_renewed_expiries(tmp_path):
     assert second.step_progress(1) == (1, 3)
     assert second.task(b.task_id).failures == 1 and second.task(b.task_id).status == TaskStatus.PENDING
     assert second.task(c.task_id).lease_expires_at == 15.0
+
+
+def test_a_task_whose_lease_runs_out_max_expiries_times_is_failed_not_queued_again(store):
+    store.plan_step(1, make_tasks(1, 2))
+    for round_ in range(2):  # two replicas take the tasks and die
+        leased = drain(store, replica=f"dead-{round_}", now=10.0 * round_, lease_s=1.0)
+        assert sorted(t.task_id for t in leased) == ["t1-0", "t1-1"]
+        assert sorted(store.expire_leases(10.0 * round_ + 5.0, max_expiries=3)) == ["t1-0", "t1-1"]
+    # The third death of t1-0's holder is its last: it fails with the reason; t1-1 was finished meanwhile.
+    held = {t.task_id: t for t in drain(store, replica="dead-2", now=20.0, lease_s=1.0)}
+    assert store.complete("t1-1", b"g", [1.0] * held["t1-1"].num_samples,
+                          lease=("dead-2", held["t1-1"].lease_id)).outcome == SubmitOutcome.ACCEPTED
+    assert store.expire_leases(25.0, max_expiries=3) == ["t1-0"]
+    assert store.task("t1-0").status == TaskStatus.FAILED and store.task("t1-0").expiries == 3
+    assert store.queue_depth() == 0 and store.leased_count() == 0
+    assert store.step_progress(1) == (2, 2), "the failed task counts as finished for its step"
+    [record] = store.step_failures(1)
+    assert record["reason"] == "lease_expired" and record["replica_id"] == "dead-2" and "3 times" in record["detail"]
+    assert store.counters().lease_expiries == 5
+    # Without a limit (0) expiries only ever queue the task again.
+    store.plan_step(2, make_tasks(2, 1))
+    for round_ in range(5):
+        drain(store, replica="r", now=100.0 + round_, lease_s=0.5)
+        assert store.expire_leases(100.6 + round_) == ["t2-0"]
+    assert store.task("t2-0").status == TaskStatus.PENDING
