@@ -164,6 +164,8 @@ class SchedulerConfig(_Section):
     grpc_port: int = Field(8101, ge=0, le=65535)
     store_url: str = Field("memory://", description="memory://[snapshot path] or redis[s]://[:password@]host:port/db")
     store_password: str | None = Field(None, repr=False, description="Redis password, instead of putting it in the URL")
+    store_password_file: str | None = Field(None, description="a file holding store_password (a mounted Secret); "
+                                            "read at load, a missing or empty one refused naming the file")
     store_tls_ca_file: str | None = Field(None, description="rediss://: CA bundle that signed the server's certificate")
     store_tls_cert_file: str | None = Field(None, description="rediss://: client certificate, for mutual TLS")
     store_tls_key_file: str | None = Field(None, description="rediss://: the client certificate's key")
@@ -178,6 +180,17 @@ class SchedulerConfig(_Section):
     leader_lease_s: float = Field(15.0, gt=0, le=600, description="the scheduler's leader lease in the store: "
                                   "renewed every third of it; a successor (a second scheduler on the same run) "
                                   "waits until it runs out, then takes the run and fences this one out")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_password_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("store_password_file"):
+            return data
+        where = "scheduler.store_password_file (E3_STORE_PASSWORD_FILE)"
+        password = _read_token_file(str(data["store_password_file"]), where)
+        if data.get("store_password") and data["store_password"] != password:
+            raise ValueError(f"scheduler.store_password and {where} are both set; set one")
+        return dict(data) | {"store_password": password}
 
     @model_validator(mode="after")
     def _tls_needs_rediss(self) -> "SchedulerConfig":
@@ -490,6 +503,7 @@ PRESETS["paper"] = PRESETS["paper-1.5b"]  # the earlier name of the 1.5B run
 SHORT_ENV = {
     "E3_STORE_URL": ("scheduler", "store_url"),
     "E3_STORE_PASSWORD": ("scheduler", "store_password"),
+    "E3_STORE_PASSWORD_FILE": ("scheduler", "store_password_file"),
     "E3_GENERATION_TOKEN": ("auth", "generation_token"),
     "E3_TRAINER_TOKEN": ("auth", "trainer_token"),
     "E3_OPERATOR_TOKEN": ("auth", "operator_token"),

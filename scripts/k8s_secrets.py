@@ -56,6 +56,10 @@ def mounted_secret(workload: dict, container: dict, path: str, secrets: dict[str
     return None, f"{path} is no key of the Secret volume {mount['name']} mounted at {mount['mountPath']}"
 
 
+# Each secret a file may carry: its *_FILE variable and the variable e3.config fills from it.
+SECRET_FILES = {**{ENV_FILE[role]: ENV[role] for role in ENV_FILE}, "E3_STORE_PASSWORD_FILE": "E3_STORE_PASSWORD"}
+
+
 class RenderedWithSecretFiles(Rendered):
     """Rendered, with each role's token file read from the Secret key mounted at its path."""
 
@@ -66,18 +70,18 @@ class RenderedWithSecretFiles(Rendered):
 
     def env_of(self, container: dict, where: str) -> dict[str, str]:
         env = super().env_of(container, where)
-        for role, variable in ENV_FILE.items():
+        for variable, plain in SECRET_FILES.items():
             if variable not in env:
                 continue
             path = env.pop(variable)
-            if ENV[role] in env:
-                self.problems.append(f"{where}: {ENV[role]} and {variable} are both set; the service refuses that")
+            if plain in env:
+                self.problems.append(f"{where}: {plain} and {variable} are both set; the service refuses that")
                 continue
             value, problem = mounted_secret(self.pod_of[id(container)], container, path, self.kind("Secret"))
             if problem:
                 self.problems.append(f"{where}: {variable}: {problem}")
             else:
-                env[ENV[role]] = value  # what e3.config reads from the file
+                env[plain] = value  # what e3.config reads from the file
         return env
 
 

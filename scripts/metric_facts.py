@@ -29,6 +29,10 @@ METRIC_NAMES_FILE = ROOT / "e3" / "metric_names.py"
 TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "service", "container", "endpoint"})
 # Series Prometheus makes itself for every target.
 BUILTIN_SERIES = {"up": frozenset(TARGET_LABELS), "scrape_duration_seconds": frozenset(TARGET_LABELS)}
+# Series of exporters e3 does not ship but its alerts read where they run: NVIDIA's DCGM exporter
+# (installed by the GPU Operator on GPU nodes), with the labels it puts on every GPU's series.
+EXTERNAL_SERIES = {name: frozenset({"gpu", "UUID", "Hostname", "modelName", "device"}) | TARGET_LABELS
+                   for name in ("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE")}
 RESERVED_LABELS = frozenset({"le", "quantile"}) | TARGET_LABELS
 # Units Prometheus asks to be given in base units (seconds, bytes, ratios).
 NON_BASE_UNITS = ("milliseconds", "ms", "microseconds", "us", "minutes", "hours", "days",
@@ -130,8 +134,8 @@ def exported() -> dict[str, Metric]:
 
 
 def series() -> dict[str, frozenset[str]]:
-    """Every series name the services export (plus Prometheus' own), with its label names."""
-    out = dict(BUILTIN_SERIES)
+    """Every series name the services export (plus Prometheus' own and DCGM's), with its label names."""
+    out = dict(BUILTIN_SERIES) | EXTERNAL_SERIES
     for metric in exported().values():
         for name, labels in metric.series().items():
             out[name] = labels | TARGET_LABELS

@@ -85,7 +85,38 @@ TIMEOUTS = 'e3_reward_timeouts_total{verifier="math"}'
 SCORED = 'e3_reward_verifications_total{verifier="math", outcome="correct"}'
 
 
+def gpu(series: dict[str, str]) -> list[dict]:
+    """A DCGM exporter's series of GPU 0 on node n1 (its own `up` too)."""
+    return target("dcgm-exporter", "n1:9400", {f'{name}{{gpu="0", Hostname="n1"}}': values
+                                              for name, values in series.items()})
+
+
+GPU0 = {"labels": {"gpu": "0", "Hostname": "n1"}}
+
 CASES = {
+    # A whole job gone (no target at all) for 15 minutes fires; every job present is quiet. Once the run
+    # finished, the trainer's Job may go.
+    "job absent": case(scheduler(e3_run_finished="0x30") + reward({}) + replica({}), "20m",
+                       {"E3JobAbsent": {"labels": {"job": "e3-trainer"},
+                                        "annotations": {"summary": "no e3-trainer target is being scraped",
+                                                        "description": (
+                                                            "Prometheus has had no target of job e3-trainer for 10 "
+                                                            "minutes: check that its pods exist and that the "
+                                                            "ServiceMonitor (or scrape config) still selects them.")}}}),
+    "jobs present": case(scheduler(e3_run_finished="0x30") + reward({}) + replica({}) + trainer(), "20m",
+                         {"E3JobAbsent": False}),
+    "trainer gone after the run": case(scheduler(e3_run_finished="1x30") + reward({}) + replica({}), "20m",
+                                       {"E3JobAbsent": False}),
+    # An XID on GPU 0 fires at once; a GPU without one is quiet.
+    "gpu xid": case(gpu({"DCGM_FI_DEV_XID_ERRORS": "0x5 79x10"}), "10m", {"E3GPUXidError": GPU0 | {
+        "annotations": {"summary": "GPU 0 on n1 reported XID 79"}}}),
+    "gpu healthy": case(gpu({"DCGM_FI_DEV_XID_ERRORS": "0x15"}), "10m", {"E3GPUXidError": False}),
+    # 99% of its memory used for 20 minutes fires; vLLM's 90% is quiet.
+    "gpu memory full": case(gpu({"DCGM_FI_DEV_FB_USED": "80190x30", "DCGM_FI_DEV_FB_FREE": "810x30"}), "20m",
+                            {"E3GPUMemoryFull": GPU0 | {"annotations": {
+                                "summary": "GPU 0 on n1 has under 2% of its memory free"}}}),
+    "gpu memory as vllm takes it": case(gpu({"DCGM_FI_DEV_FB_USED": "72900x30", "DCGM_FI_DEV_FB_FREE": "8100x30"}),
+                                        "20m", {"E3GPUMemoryFull": False}),
     # A stuck run: step 7 for two hours, not finished (the trainer waits on a batch that never comes).
     "stuck": case(scheduler_series("0+1x10 7x140", "0x150"), "140m", {"E3TrainingStalled": True}),
     # A run moving a step every 20 minutes: quiet.

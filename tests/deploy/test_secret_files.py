@@ -64,3 +64,14 @@ def test_the_reward_service_exits_2_on_an_empty_token_file_with_one_line_naming_
     lines = [line for line in done.stderr.splitlines() if "cannot start" in line]
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert f"E3_GENERATION_TOKEN_FILE): {tmp_path / 'generation-token'} is empty" in lines[0]
+
+
+def test_the_store_password_comes_from_its_file_and_a_missing_or_conflicting_one_is_refused(tmp_path):
+    (tmp_path / "redis-password").write_text("r3dis-pass\n")
+    env = {"E3_STORE_URL": "redis://e3-redis:6379/0", "E3_STORE_PASSWORD_FILE": str(tmp_path / "redis-password")}
+    scheduler = load_config(None, environ=env).scheduler
+    assert scheduler.store_options()["password"] == "r3dis-pass" and "r3dis" not in repr(scheduler)
+    with pytest.raises(ConfigError, match=r"scheduler.store_password_file \(E3_STORE_PASSWORD_FILE\): .*gone does not exist"):
+        load_config(None, environ=env | {"E3_STORE_PASSWORD_FILE": str(tmp_path / "gone")})
+    with pytest.raises(ConfigError, match="store_password and scheduler.store_password_file .* are both set"):
+        load_config(None, environ=env | {"E3_STORE_PASSWORD": "another"})
