@@ -57,3 +57,5 @@ TRAINER_GRAD_NORM = "e3_trainer_grad_norm"  # the largest over the step's mini-b
 TRAINER_CLIP_FRACTION = "e3_trainer_clip_fraction"
 TRAINER_SAMPLER_LOGPROB_DIFF = "e3_trainer_sampler_logprob_diff"  # label stat = mean | max
 TRAINER_GROUP_ROLLOUTS = "e3_trainer_group_rollouts"  # label level = the questions' difficulty level (0: none given)
+TRAINER_SAMPLER_RATIO_MAX = "e3_trainer_sampler_ratio_max"  # exp(max |trainer - sampler| log-prob): the largest ratio
+TRAINER_GROUP_STALENESS = "e3_trainer_group_staleness"  # histogram: policy versions between sampling and training

@@ -37,11 +37,17 @@ class TrainerMetrics:
         self.group_rollouts = Gauge(m.TRAINER_GROUP_ROLLOUTS,
                                     "Mean rollouts per question in the last trained step, by difficulty level",
                                     ["level"], registry=r)
+        self.sampler_ratio = Gauge(m.TRAINER_SAMPLER_RATIO_MAX,
+                                   "Largest ratio of the trainer's to vLLM's probability of a sampled token in the "
+                                   "last step (either way round), before the update", registry=r)
+        self.staleness = Histogram(m.TRAINER_GROUP_STALENESS,
+                                   "Policy versions between a trained group's sampling policy and the policy it "
+                                   "updated (0: on-policy)", registry=r, buckets=(0, 1, 2, 3, 4, 8))
         self._levels: set[str] = set()
         # Until the first step is recorded there is no value, and 0 would be read as one (a loss, a reward
         # of 0): NaN is Prometheus' "no value", drawn as a gap.
         for gauge in (self.loss, self.mean_reward, self.response_length, self.truncated, self.grad_norm,
-                      self.clip_fraction):
+                      self.clip_fraction, self.sampler_ratio):
             gauge.set(math.nan)
 
     def observe(self, record: dict) -> None:
@@ -60,6 +66,11 @@ class TrainerMetrics:
         for stat in ("mean", "max"):
             if _finite(record.get(f"sampler_logprob_diff_{stat}")):
                 self.sampler_diff.labels(stat).set(record[f"sampler_logprob_diff_{stat}"])
+        if _finite(record.get("sampler_logprob_diff_max")):
+            self.sampler_ratio.set(math.exp(record["sampler_logprob_diff_max"]))
+        for lag, count in (record.get("staleness") or {}).items():
+            for _ in range(count):
+                self.staleness.observe(int(lag))
         sizes: dict[str, list[int]] = defaultdict(list)
         for size, level in zip(record["group_sizes"], record["group_levels"]):
             sizes[str(level)].append(size)

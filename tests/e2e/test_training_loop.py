@@ -8,6 +8,8 @@ services' HTTP APIs and metrics, and the trainer's metrics file.
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import re
@@ -121,6 +123,10 @@ def test_trainer_and_sampler_agree_on_every_log_probability(finished_run):
     largest, mean = (1e-3, 1e-3) if not GPU else (1.0, 0.05)
     assert all(r["sampler_logprob_diff_max"] < largest for r in train), [r["sampler_logprob_diff_max"] for r in train]
     assert all(r["sampler_logprob_diff_mean"] < mean for r in train), [r["sampler_logprob_diff_mean"] for r in train]
+    # One step at a time: every trained group was sampled with the policy it updated, and the largest
+    # trainer/sampler probability ratio is the exponential of the largest difference.
+    assert all(r["staleness"] == {"0": len(r["group_sizes"])} for r in train), [r["staleness"] for r in train]
+    assert all(abs(r["sampler_ratio_max"] - math.exp(r["sampler_logprob_diff_max"])) < 1e-9 for r in train)
 
 
 def test_allocation_honoured_the_budget(finished_run):

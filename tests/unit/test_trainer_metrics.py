@@ -59,3 +59,13 @@ def test_before_the_first_step_the_gauges_have_no_value_not_zero():
                  "e3_trainer_grad_norm", "e3_trainer_clip_fraction", "e3_trainer_truncated_share"):
         assert got[name] != got[name], name  # NaN
     assert not any(name.startswith(("e3_trainer_group_rollouts", "e3_trainer_sampler_logprob_diff")) for name in got)
+
+
+def test_the_sampler_ratio_and_the_staleness_of_trained_groups_are_exported():
+    metrics = TrainerMetrics()
+    metrics.observe(record(sampler_logprob_diff_max=0.5, staleness={"0": 2, "1": 1}))
+    got = samples(metrics)
+    assert abs(got["e3_trainer_sampler_ratio_max"] - 1.6487212707) < 1e-9  # exp(0.5)
+    assert got['e3_trainer_group_staleness_bucket{le="0.0"}'] == 2.0
+    assert got['e3_trainer_group_staleness_bucket{le="1.0"}'] == 3.0
+    assert got["e3_trainer_group_staleness_count"] == 3.0 and got["e3_trainer_group_staleness_sum"] == 1.0
