@@ -3,7 +3,10 @@
 1. Each file is validated against the Compose specification's JSON Schema
    (compose-spec.json as vendored by the check-jsonschema package).
 2. The real Docker Compose (`config`, no engine needed) loads the files as
-   `docker compose up` would, for the GPU stack and with the CPU override.
+   `docker compose up` would, for the GPU stack, with the CPU override, and
+   with the GPU assignments scripts/compose_gpus.py writes (GENERATED_SPLITS):
+   every GPU service names its GPUs by device_ids, no GPU is given twice, a
+   replica has one, and the trainer's torchrun starts one rank per GPU it has.
 3. The resolved model is compared with what the code does
    (scripts/deploy_facts.py): every e3 service's command goes through its own
    argparse, its environment through e3.config, and its ports, health
@@ -26,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -36,6 +40,7 @@ import yaml
 
 import deploy_facts as facts
 from e3.config import PRESETS, ConfigError, load_config
+import compose_gpus
 import dockerfile
 import image_requirements
 import promql_checks
@@ -46,7 +51,10 @@ VARIANTS = {"gpu": ("docker-compose.yml",), "cpu": ("docker-compose.yml", "docke
 CHECK_ENV = {"REDIS_PASSWORD": "compose-check-redis", "E3_GENERATION_TOKEN": "compose-check-generation",
              "E3_TRAINER_TOKEN": "compose-check-trainer", "E3_OPERATOR_TOKEN": "compose-check-operator",
              "GRAFANA_ADMIN_PASSWORD": "compose-check-grafana"}
-GPU_SERVICES = ("generation", "trainer")  # the e3 services that need a GPU on the GPU stack
+GPU_SERVICES = ("generation", "trainer")  # the e3 services that need a GPU on the GPU stacks
+CPU_VARIANTS = frozenset({"cpu"})
+# GPU assignments written by scripts/compose_gpus.py and loaded like the others: (GPUs, trainer GPUs).
+GENERATED_SPLITS = ((4, 1), (8, 2))
 REDIS_DEFAULT_PORT = 6379
 PROMETHEUS_DEFAULT_PORT = 9090
 
@@ -76,6 +84,16 @@ def schema_problems(paths: list[Path] | None = None) -> list[str]:
         for error in sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path)):
             location = ".".join(map(str, error.absolute_path)) or "(top level)"
             out.append(f"{path.name}: {location}: {error.message} (Compose specification schema)")
+    return out
+
+
+def generated_variants(directory: Path) -> dict[str, tuple[str, ...]]:
+    """Write compose_gpus.py's override for each of GENERATED_SPLITS into `directory`; the variants that load them."""
+    out = {}
+    for gpus, trainer_gpus in GENERATED_SPLITS:
+        path = directory / f"docker-compose.gpus-{gpus}x{trainer_gpus}.yml"
+        path.write_text(compose_gpus.render(compose_gpus.device_ids(str(gpus)), trainer_gpus, path))
+        out[f"gpus-{gpus}x{trainer_gpus}"] = ("docker-compose.yml", str(path))
     return out
 
 
@@ -335,36 +353,60 @@ def _waits_for(services: dict, name: str, stager: str) -> bool:
     return False
 
 
+def gpu_requests(service: dict) -> list[dict]:
+    """The service's GPU device requests (deploy.resources.reservations.devices with capability gpu)."""
+    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    return [d for d in devices if "gpu" in (d.get("capabilities") or [])]
+
+
+def gpu_ids(service: dict) -> list[str]:
+    return [str(i) for d in gpu_requests(service) for i in d.get("device_ids") or []]
+
+
 def _gpu_problems(services: dict, resolved: dict, variant: str) -> list[str]:
-    out = []
+    """Each GPU service names its own GPUs (device_ids): Docker then shows it those alone."""
+    out, owner, replica_ids = [], {}, {}
     for name, (container, _) in resolved.items():
-        service = services[name]
-        devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
-        has_gpu = any("gpu" in (d.get("capabilities") or []) for d in devices)
-        wants = variant == "gpu" and container.service in GPU_SERVICES
-        if has_gpu != wants:
-            out.append(f"compose[{variant}] service {name}: {'needs' if wants else 'must not reserve'} a GPU")
+        service, where = services[name], f"compose[{variant}] service {name}"
+        requests = gpu_requests(service)
+        wants = variant not in CPU_VARIANTS and container.service in GPU_SERVICES
+        if bool(requests) != wants:
+            out.append(f"{where}: {'needs' if wants else 'must not reserve'} a GPU")
         if container.service == "generation" and (service.get("container_name") or service.get("ports")):
-            out.append(f"compose[{variant}] service {name}: container_name or published ports stop --scale")
+            out.append(f"{where}: container_name or published ports stop --scale")
+        if container.service == "generation":
+            match = re.search(r"--replica-id\s+(\S+)", " ".join(service.get("command") or []))
+            if match and "$" not in match.group(1):
+                replica_ids.setdefault(match.group(1), []).append(name)
+        if not requests:
+            continue
+        ids = gpu_ids(service)
+        if any(d.get("count") is not None for d in requests) or not ids:
+            out.append(f"{where}: reserve GPUs by device_ids, not count; with a count Docker gives every "
+                       "replica the same first GPUs")
+        if container.service == "generation" and len(ids) != 1:
+            out.append(f"{where}: a generation replica takes one GPU, not {ids}")
+        for gpu in ids:
+            owner.setdefault(gpu, []).append(name)
+    for gpu, names in sorted(owner.items()):
+        if len(names) > 1:
+            out.append(f"compose[{variant}]: GPU {gpu} is given to {', '.join(names)}; each GPU belongs to one service")
+    for replica, names in sorted(replica_ids.items()):
+        if len(names) > 1:
+            out.append(f"compose[{variant}]: --replica-id {replica} is used by {', '.join(names)}")
     return out
 
 
 def _launch_problems(services: dict, resolved: dict, variant: str) -> list[str]:
-    """The trainer runs under torchrun, one rank per GPU it claims (E3_GPU_COUNT, deploy/docker/gpu-claim.sh)."""
+    """The trainer runs under torchrun, one rank per GPU in its device_ids."""
     out = []
     for name, (container, result) in resolved.items():
         if container.service != "trainer":
             continue
         service = services[name]
-        devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
-        has_gpu = any("gpu" in (d.get("capabilities") or []) for d in devices)
-        count = container.env.get("E3_GPU_COUNT", "1")
-        if has_gpu and not count.isdigit():
-            out.append(f"compose[{variant}] service {name}: E3_GPU_COUNT={count!r} is no number of GPUs")
-            continue
+        gpus = len(gpu_ids(service)) if gpu_requests(service) else None
         command = _unescape(service.get("command") or [])
-        out += facts.launch_problems(f"compose[{variant}] service {name}", command, int(count) if has_gpu else None,
-                                     1, result.config.trainer.device)
+        out += facts.launch_problems(f"compose[{variant}] service {name}", command, gpus, 1, result.config.trainer.device)
     return out
 
 
@@ -400,7 +442,8 @@ def _prometheus_problems(services: dict, resolved: dict, variant: str) -> list[s
             continue
         targets = {t for c in job.get("static_configs") or [] for t in c.get("targets") or []}
         targets |= {f"{n}:{c.get('port')}" for c in job.get("dns_sd_configs") or [] for n in c.get("names") or []}
-        if f"{name}:{result.metrics_port}" not in targets:
+        aliases = {a for net in (services[name].get("networks") or {}).values() for a in (net or {}).get("aliases") or []}
+        if not {f"{n}:{result.metrics_port}" for n in {name} | aliases} & targets:
             out.append(f"{where}: job e3-{container.service} scrapes {sorted(targets)}, not {name}:{result.metrics_port}")
         if "/metrics" not in result.routes or job.get("metrics_path", "/metrics") != "/metrics":
             out.append(f"{where}: job e3-{container.service} scrapes a path {name} does not serve")
@@ -480,11 +523,15 @@ def check() -> tuple[list[str], list[str]]:
     if compose is None:
         raise FileNotFoundError("no Docker Compose: run scripts/fetch_deploy_tools.sh or install the compose plugin")
     notes.append(f"loader: {subprocess.run([*compose, 'version'], capture_output=True, text=True).stdout.strip()}")
-    for variant, files in VARIANTS.items():
-        try:
-            problems += drift_problems(resolved_model(files, compose), variant)
-        except facts.DriftError as exc:
-            problems.append(str(exc))
+    with tempfile.TemporaryDirectory() as directory:
+        generated = generated_variants(Path(directory))
+        problems += schema_problems([Path(files[-1]) for files in generated.values()])
+        for variant, files in {**VARIANTS, **generated}.items():
+            try:
+                problems += drift_problems(resolved_model(files, compose), variant)
+            except facts.DriftError as exc:
+                problems.append(str(exc))
+    notes.append(f"GPU assignments: {', '.join(generated)} (scripts/compose_gpus.py)")
     return problems, notes
 
 

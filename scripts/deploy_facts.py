@@ -21,7 +21,6 @@ import ast
 import contextlib
 import importlib
 import io
-import re
 import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,8 +37,6 @@ LIBRARY_ENV_PREFIXES = ("VLLM_", "CUDA_", "NVIDIA_", "NCCL_", "TORCH", "OMP_", "
                         "PIP_", "LC_")
 # ...and by the operating system or the C library of every process.
 PROCESS_ENV = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR"})
-# The images' entry-point scripts; the variables they read count as read.
-ENTRYPOINT_SCRIPTS = (ROOT / "deploy" / "docker" / "gpu-claim.sh",)
 
 
 class DriftError(ValueError):
@@ -157,8 +154,6 @@ def env_read_by(service: str) -> tuple[frozenset[str], bool]:
             elif isinstance(node, ast.Subscript) and ast.unparse(node.value) in ("os.environ", "environ"):
                 if isinstance(node.slice, ast.Constant):
                     names.add(node.slice.value)
-    for script in ENTRYPOINT_SCRIPTS:
-        names |= set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", script.read_text()))
     return frozenset(names), loads_config
 
 

@@ -10,8 +10,9 @@
    stand-in secrets (the real secrets.env is the operator's).
 2. Every built-in object is validated against the Kubernetes schemas of
    K8S_VERSION (the kubernetes-validate package, strict: unknown fields fail),
-   the prometheus-operator kinds (ServiceMonitor, PrometheusRule) against the
-   vendored CRDs' schemas (scripts/k8s_crds.py, as strict).
+   the prometheus-operator kinds (ServiceMonitor, PrometheusRule) against e3's
+   own schema of the monitoring.coreos.com/v1 fields it writes
+   (scripts/k8s_crds.py, as strict).
 3. The rendered objects are compared with the code (scripts/deploy_facts.py):
    commands through each service's argparse, environment through e3.config,
    container ports, probes, Services, ServiceMonitors, shared volumes, the

@@ -1,23 +1,54 @@
-"""The prometheus-operator objects (ServiceMonitor, PrometheusRule) against their CRDs' schemas, offline.
+"""The prometheus-operator objects (ServiceMonitor, PrometheusRule) against a schema of the fields e3 writes.
 
-kubernetes-validate knows only built-in kinds. The CRDs of prometheus-operator
-(deploy/k8s/schemas/prometheus-operator-v<version>/, vendored unchanged) carry
-an OpenAPI v3 schema per version; each object is validated against it with
-jsonschema, strictly as `kubectl apply --validate=strict` would be: a field
-the schema does not declare is an error (the API server would silently prune
-it), and x-kubernetes-list-type map/set lists must not repeat a key.
+kubernetes-validate knows only built-in kinds. The schema below is e3's own
+statement of the part of the monitoring.coreos.com/v1 API its objects use,
+written from the operator's API reference (not a copy of its CRDs): the
+fields, their types and formats. Validation is strict, as
+`kubectl apply --validate=strict` is against the real CRD: a field not
+declared here is an error (a typo the API server would silently prune, or a
+field e3 starts to use without saying so here), and the rule groups, a
+list keyed by name, must not repeat a name.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import jsonschema
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_DIR = ROOT / "deploy" / "k8s" / "schemas" / "prometheus-operator-v0.93.0"
+DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                                        r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
+STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+METADATA = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}  # kubernetes-validate's ObjectMeta rules
+LABEL_SELECTOR = {"type": "object", "properties": {
+    "matchLabels": STRINGS,
+    "matchExpressions": {"type": "array", "items": {"type": "object", "required": ["key", "operator"], "properties": {
+        "key": {"type": "string"}, "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+        "values": {"type": "array", "items": {"type": "string"}}}}}}}
+ENDPOINT = {"type": "object", "properties": {
+    "port": {"type": "string"}, "path": {"type": "string"}, "scheme": {"type": "string", "enum": ["http", "https"]},
+    "interval": DURATION, "scrapeTimeout": DURATION, "honorLabels": {"type": "boolean"}}}
+RULE = {"type": "object", "required": ["expr"], "properties": {
+    "record": {"type": "string"}, "alert": {"type": "string"}, "expr": {"type": "string"}, "for": DURATION,
+    "keep_firing_for": DURATION, "labels": STRINGS, "annotations": STRINGS}}
+SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": METADATA,
+            "spec": {"type": "object", "required": ["selector", "endpoints"], "properties": {
+                "selector": LABEL_SELECTOR, "jobLabel": {"type": "string"},
+                "namespaceSelector": {"type": "object", "properties": {
+                    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": ENDPOINT}}}}},
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": METADATA,
+            "spec": {"type": "object", "properties": {
+                "groups": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+                           "items": {"type": "object", "required": ["name"], "properties": {
+                               "name": {"type": "string", "minLength": 1}, "interval": DURATION,
+                               "rules": {"type": "array", "items": RULE}}}}}}}},
+}
 
 
 def _strict(schema: dict) -> dict:
@@ -55,22 +86,15 @@ _Validator = jsonschema.validators.extend(
 
 
 @cache
-def validators(schema_dir: Path = SCHEMA_DIR) -> dict[tuple[str, str], jsonschema.protocols.Validator]:
-    """(apiVersion, kind) -> a validator, for every served version of every CRD in schema_dir."""
-    out = {}
-    for path in sorted(schema_dir.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-        for version in crd["spec"]["versions"]:
-            if version.get("served", True):
-                out[(f"{group}/{version['name']}", kind)] = _Validator(_strict(version["schema"]["openAPIV3Schema"]))
-    return out
+def validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    """(apiVersion, kind) -> a strict validator for each kind SCHEMAS declares."""
+    return {key: _Validator(_strict(schema)) for key, schema in SCHEMAS.items()}
 
 
 def crd_problems(doc: dict, where: str) -> list[str] | None:
-    """Schema errors of a custom object (empty: valid); None if no vendored CRD defines its kind."""
+    """Schema errors of a custom object (empty: valid); None if SCHEMAS does not declare its kind."""
     validator = validators().get((doc.get("apiVersion"), doc.get("kind")))
     if validator is None:
         return None
     return [f"{where}: {'.'.join(map(str, error.absolute_path)) or '(top)'}: {error.message} "
-            f"({SCHEMA_DIR.name} CRD schema)" for error in validator.iter_errors(doc)]
+            f"(e3's monitoring.coreos.com/v1 schema, scripts/k8s_crds.py)" for error in validator.iter_errors(doc)]

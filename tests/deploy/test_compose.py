@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import compose_check
+import compose_gpus
 import deploy_facts
 import dockerfile
 import image_requirements
@@ -85,10 +86,14 @@ def test_redis_persists_to_an_append_only_file_on_a_volume(compose_models):
     (lambda s: s["reward"]["healthcheck"].update(test=["CMD", "e3-healthcheck", "http://127.0.0.1:8200/ready"]), "health check"),
     (lambda s: s["scheduler"]["depends_on"].pop("base-model"), "does not start after the base-model step"),
     (lambda s: s["scheduler"]["environment"].update(E3_SCHEDULER__HOST="127.0.0.1"), "unreachable from other containers"),
-    # The trainer's torchrun: one rank per claimed GPU, on one node.
+    # The trainer's torchrun: one rank per GPU in its device_ids, on one node.
     (lambda s: s["trainer"]["command"].__setitem__(3, "--nproc-per-node=2"), "--nproc-per-node=2 but the container is given 1 GPU(s)"),
-    (lambda s: (s["trainer"]["environment"].update(E3_GPU_COUNT="2"), s["trainer"]["command"].__setitem__(3, "--nproc-per-node=1")),
+    (lambda s: compose_check.gpu_requests(s["trainer"])[0].update(device_ids=["0", "2"]),
      "--nproc-per-node=1 but the container is given 2 GPU(s)"),
+    # GPUs: named by device_ids, one per replica, none given twice.
+    (lambda s: compose_check.gpu_requests(s["generation"])[0].update(device_ids=["0"]), "GPU 0 is given to generation, trainer"),
+    (lambda s: compose_check.gpu_requests(s["generation"])[0].update(device_ids=None, count="all"), "reserve GPUs by device_ids"),
+    (lambda s: compose_check.gpu_requests(s["generation"])[0].update(device_ids=["1", "2"]), "takes one GPU, not ['1', '2']"),
     (lambda s: s["trainer"]["command"].__setitem__(2, "--nnodes=2"), "--nnodes=2 but 1 node(s)"),
     (lambda s: s["trainer"]["command"].__setitem__(0, "python3"), "not started by torchrun"),
     (lambda s: s["trainer"]["environment"].update(E3_TRAINER__DEVICE="cpu"), "set E3_TRAINER__DEVICE=cuda"),
@@ -146,8 +151,7 @@ def test_image_requirement_files_pin_what_the_code_imports():
 
 def test_the_cpu_stack_trains_one_cpu_rank(compose_models):
     trainer = compose_models["cpu"]["services"]["trainer"]
-    assert "--nproc-per-node=1" in trainer["command"] and "E3_GPU_COUNT" not in trainer["environment"]
-    assert "--nproc-per-node=gpu" in compose_models["gpu"]["services"]["trainer"]["command"]
+    assert "--nproc-per-node=1" in trainer["command"] and not trainer.get("deploy")
     cpu = __import__("copy").deepcopy(compose_models["cpu"])
     cpu["services"]["trainer"]["command"][3] = "--nproc-per-node=gpu"
     assert any("the CPU trainer runs one rank" in p for p in problems(cpu, "cpu"))
@@ -169,3 +173,61 @@ def test_compose_refuses_to_start_without_the_secrets(compose_models):
     # Compose reports whichever guard it meets first, so every guard must point at the example file.
     guards = re.findall(r"\$\{[A-Z_]+:\?([^}]*)\}", (compose_check.ROOT / "docker-compose.yml").read_text())
     assert guards and all("compose.env.example" in message for message in guards), guards
+
+
+@pytest.fixture(scope="module")
+def generated_models(compose_models, tmp_path_factory) -> dict[tuple[int, int], dict]:
+    """The stack with each of compose_check.GENERATED_SPLITS' overrides, as docker compose resolves it."""
+    variants = compose_check.generated_variants(tmp_path_factory.mktemp("gpus"))
+    command = compose_check.compose_command()
+    return {split: compose_check.resolved_model(variants[f"gpus-{split[0]}x{split[1]}"], command)
+            for split in compose_check.GENERATED_SPLITS}
+
+
+def test_every_gpu_service_is_given_its_own_gpus_by_device_ids(compose_models, generated_models):
+    models = {(2, 1): compose_models["gpu"], **generated_models}
+    for (gpus, trainer_gpus), model in models.items():
+        services = model["services"]
+        assert problems(model, f"gpus-{gpus}x{trainer_gpus}") == []
+        owned = {name: compose_check.gpu_ids(s) for name, s in services.items() if compose_check.gpu_requests(s)}
+        replicas = sorted(n for n in owned if n != "trainer")
+        expected = {"trainer": [str(i) for i in range(trainer_gpus)]}
+        expected |= {name: [str(trainer_gpus + i)] for i, name in
+                     enumerate(["generation"] + [f"generation-{i}" for i in range(1, gpus - trainer_gpus)])}
+        assert owned == expected, (gpus, trainer_gpus)
+        all_ids = [gpu for ids in owned.values() for gpu in ids]
+        assert sorted(all_ids, key=int) == [str(i) for i in range(gpus)]  # every GPU once, none shared
+        # torchrun starts one rank per device the trainer is given.
+        assert f"--nproc-per-node={trainer_gpus}" in services["trainer"]["command"]
+        assert not any(d.get("count") for s in services.values() for d in compose_check.gpu_requests(s))
+        if gpus > 2:  # generated: fixed, distinct replica ids and one DNS name for Prometheus
+            ids = {re.search(r"--replica-id (\S+)", services[n]["command"][2]).group(1) for n in replicas}
+            assert ids == {f"gen-{i}" for i in range(gpus - trainer_gpus)}
+            assert all(services[n]["networks"]["e3"]["aliases"] == ["generation"] for n in replicas if n != "generation")
+
+
+def test_a_generated_assignment_that_gives_a_gpu_twice_is_reported(generated_models):
+    model = __import__("copy").deepcopy(generated_models[(4, 1)])
+    compose_check.gpu_requests(model["services"]["generation-2"])[0]["device_ids"] = ["1"]
+    assert any("GPU 1 is given to generation, generation-2" in p for p in problems(model, "gpus-4x1"))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--gpus", "1"], "--gpus gives 1 GPU(s), but the trainer's 1 and at least one generation replica need 2"),
+    (["--gpus", "4", "--trainer-gpus", "4"], "the trainer's 4 and at least one generation replica need 5"),
+    (["--gpus", "4", "--trainer-gpus", "0"], "the trainer needs at least one GPU"),
+    (["--gpus", "0,1,1"], "names a GPU twice"),
+    (["--gpus", "4 GPUs"], "'4 GPUs' is neither a count nor a GPU index or UUID"),
+])
+def test_the_generator_refuses_impossible_splits_in_one_line(tmp_path, capsys, argv, expected):
+    out = tmp_path / "docker-compose.gpus.yml"
+    assert compose_gpus.main([*argv, "-o", str(out)]) == 2 and not out.exists()
+    error = capsys.readouterr().err
+    assert expected in error and error.count("\n") == 1, error
+
+
+def test_the_generator_takes_gpu_ids_for_a_second_project(tmp_path):
+    out = tmp_path / "docker-compose.gpus.yml"
+    assert compose_gpus.main(["--gpus", "4,5,GPU-8f3a", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert 'device_ids: ["4"]' in text and 'device_ids: ["5"]' in text and 'device_ids: ["GPU-8f3a"]' in text

@@ -1,4 +1,4 @@
-"""The small programs baked into the images: GPU claiming, the health check, base-model staging."""
+"""The small programs baked into the images: the health check, base-model staging."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,59 +14,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
-
-
-@pytest.fixture
-def fake_gpus(tmp_path):
-    """A PATH whose nvidia-smi reports two GPUs, and an empty lock directory."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    smi = bin_dir / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 'GPU 0: Fake (UUID: GPU-0)'\necho 'GPU 1: Fake (UUID: GPU-1)'\n")
-    smi.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "E3_GPU_LOCK_DIR": str(tmp_path / "locks")}
-    return env
-
-
-def test_each_gpu_container_claims_a_different_gpu_and_the_extra_one_fails(fake_gpus):
-    claim = [str(DOCKER / "gpu-claim.sh"), "sh", "-c", 'echo "gpu=$CUDA_VISIBLE_DEVICES"; sleep 3']
-    first = subprocess.Popen(claim, env=fake_gpus, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    second = subprocess.Popen(claim, env=fake_gpus, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    third = subprocess.run(claim, env=fake_gpus, capture_output=True, text=True, timeout=10)
-    outputs = {first.communicate(timeout=10)[0].strip(), second.communicate(timeout=10)[0].strip()}
-    assert outputs == {"gpu=0", "gpu=1"}
-    assert third.returncode == 1 and "wanted 1 GPU(s) but only 0 of 2 are free" in third.stderr
-    # Locks die with their holders: a new container gets a GPU again.
-    again = subprocess.run(claim[:3] + ['echo "gpu=$CUDA_VISIBLE_DEVICES"'], env=fake_gpus, capture_output=True, text=True)
-    assert again.stdout.strip() == "gpu=0"
-
-
-def test_a_multi_gpu_container_claims_its_gpus_together_or_not_at_all(fake_gpus):
-    show = 'echo "gpu=$CUDA_VISIBLE_DEVICES"'
-    holder = subprocess.Popen([str(DOCKER / "gpu-claim.sh"), "sh", "-c", f"{show}; sleep 3"], env=fake_gpus,
-                              stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    # One GPU is taken: a trainer that wants both fails and holds neither.
-    both = subprocess.run([str(DOCKER / "gpu-claim.sh"), "sh", "-c", show], env={**fake_gpus, "E3_GPU_COUNT": "2"},
-                          capture_output=True, text=True, timeout=10)
-    assert both.returncode == 1 and "wanted 2 GPU(s) but only 1 of 2 are free" in both.stderr
-    one = subprocess.run([str(DOCKER / "gpu-claim.sh"), "sh", "-c", show], env=fake_gpus, capture_output=True, text=True)
-    assert one.stdout.strip() == "gpu=1"
-    assert holder.communicate(timeout=10)[0].strip() == "gpu=0"
-    both = subprocess.run([str(DOCKER / "gpu-claim.sh"), "sh", "-c", show], env={**fake_gpus, "E3_GPU_COUNT": "2"},
-                          capture_output=True, text=True, timeout=10)
-    assert both.stdout.strip() == "gpu=0,1"
-    bad = subprocess.run([str(DOCKER / "gpu-claim.sh"), "true"], env={**fake_gpus, "E3_GPU_COUNT": "two"},
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "positive integer" in bad.stderr
-
-
-def test_gpu_claim_only_execs_without_a_lock_directory():
-    done = subprocess.run([str(DOCKER / "gpu-claim.sh"), "echo", "plain"], capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"]})
-    assert done.returncode == 0 and done.stdout.strip() == "plain"
 
 
 @pytest.fixture

@@ -60,6 +60,9 @@ def test_trainer_and_generation_are_built_from_the_same_vllm_image():
     stages = dockerfile.parse()
     assert stages["trainer"].base == stages["generation"].base
     assert re.fullmatch(r"vllm/vllm-openai:v0\.32\.0", stages["trainer"].base)
+    # vLLM's image starts `vllm serve`; e3's images run their own command, with the GPUs Docker gives them.
+    assert stages["trainer"].entrypoint == [] and stages["generation"].entrypoint == []
+    assert "gpu-claim" not in dockerfile.DOCKERFILE.read_text()
     text = dockerfile.DOCKERFILE.read_text()
     assert "generation.txt" in text and "trainer.txt" in text
     # docs/deploy.md states the driver for the CUDA version that image's torch (2.13.0) is built with.
