@@ -141,6 +141,18 @@ def barrier(topology: Topology) -> None:
         dist.barrier(group=topology.control)
 
 
+def stop_ranks(topology: Topology) -> None:
+    """Leave the job together: a last barrier, then the process groups torn down on every rank.
+
+    A rank that exits while another still talks to it (or to the store rank 0
+    hosts) can die in gloo's threads at interpreter exit ("terminate called
+    without an active exception", SIGABRT) although its work was done.
+    """
+    if dist.is_initialized():
+        barrier(topology)
+        dist.destroy_process_group()
+
+
 def split_by_tokens(lengths: torch.Tensor, index: torch.Tensor, world_size: int) -> list[torch.Tensor]:
     """The samples at `index`, dealt to `world_size` ranks so each gets about the same number of tokens.
 

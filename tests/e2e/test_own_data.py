@@ -93,4 +93,10 @@ def test_the_python_function_scored_every_trained_rollout(finished_run):
     assert any(round(x) % 4 for x in quarters)
     metrics = finished_run["reward_metrics"]
     assert f'outcome="partial",verifier="{REWARD}"' in metrics
-    assert 'verifier="arithmetic"' not in metrics and 'verifier="math"' not in metrics
+    # The built-in verifiers' series exist from the start (at 0, for the dashboards) and stayed there.
+    for builtin in ("arithmetic", "math"):
+        counted = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("e3_reward_verifications_total{") and f'verifier="{builtin}"' in line]
+        assert sum(counted) == 0.0, (builtin, counted)
+    assert any(line.startswith("e3_reward_verifications_total{") and f'verifier="{REWARD}"' in line
+               and float(line.rsplit(" ", 1)[1]) > 0 for line in metrics.splitlines())

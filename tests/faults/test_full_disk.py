@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script, one rank of the two-rank test
     sys.path.insert(0, str(REPO))
 
-from e3.train.parallel import start_ranks  # noqa: E402
+from e3.train.parallel import start_ranks, stop_ranks  # noqa: E402
 from e3.train.sharding import full_state_dict, shard_policy  # noqa: E402
 from services.common.runtime import free_port  # noqa: E402
 from services.trainer import checkpoints, disk, publish  # noqa: E402
@@ -302,6 +302,7 @@ def run_rank(directory: Path) -> None:
     save_checkpoint(directory, scorer, optimizer, {"next_step": 4}, torch.Generator(), topology)
     outcomes.append(latest_checkpoint(directory).name)
     print(json.dumps({"rank": topology.rank, "outcomes": outcomes}), flush=True)
+    stop_ranks(topology)
 
 
 @pytest.mark.slow

@@ -202,7 +202,10 @@ def test_the_launcher_makes_role_tokens_and_keeps_every_secret_out_of_config_yam
     text = (tmp_path / "config.yaml").read_text()
     for secret in env.values():
         assert secret not in text
-    assert not any(f"{r}_token" in text for r in ("generation", "trainer", "operator")) and "store_password" not in text
+    # Neither the secrets nor their settings; a setting naming a secret *file* (a path) may stay.
+    written = yaml.safe_load(text)
+    assert not {f"{r}_token" for r in ("generation", "trainer", "operator")} & set(written.get("auth", {}))
+    assert "store_password" not in written.get("scheduler", {})
 
 
 # ---------------------------------------------------------------- TLS
