@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,7 +225,7 @@ class Trainer:
             "sampler_ratio_max": _finite_or_none(math.exp(min(result.sampler_diff_max, 700.0))),
             # Groups by how many policy versions separate their sampling from the policy this step
             # updated (self.progress still holds it here): 0 for every group while rollouts are on-policy.
-            "staleness": _count_by(self.progress.policy_version - g["policy_version"] for g in batch["groups"]),
+            "staleness": dict(Counter(str(self.progress.policy_version - g["policy_version"]) for g in batch["groups"])),
             "approx_kl": _finite_or_none(result.approx_kl),
         }
         return report, record
@@ -379,13 +380,6 @@ class Trainer:
             return set()
         with self.paths.metrics.open() as f:
             return {r["step"] for r in map(json.loads, filter(str.strip, f)) if r.get("phase") in phases}
-
-
-def _count_by(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[str(value)] = counts.get(str(value), 0) + 1
-    return counts
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -27,7 +27,7 @@ from e3.config import load_config
 from e3.contracts import e3_pb2 as pb
 from e3.contracts import e3_pb2_grpc as pb_grpc
 from e3.model.base import ensure_base_model
-from fault_stack import FaultStack, metric
+from fault_stack import FaultStack, metric, trained_exactly_once
 from services.common.auth import call_metadata
 from services.scheduler.validation import split_of
 
@@ -204,16 +204,7 @@ def test_the_whole_run_trained_every_group_exactly_once_with_one_policy_everywhe
         time.sleep(0.2)
     assert stack.procs["trainer"].process.wait(timeout=120) == 0, stack.procs["trainer"].log()[-3000:]
 
-    records = [json.loads(line) for line in (stack.run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r.get("phase") == "train"]
-    assert [r["step"] for r in train] == list(range(STEPS)), "each step trained and recorded exactly once"
-    budget = 0
-    for r in train:
-        allocation = stack.get(f"{stack.api}/v1/allocations/{r['step']}")
-        assert r["question_ids"] == allocation["question_ids"] and r["group_sizes"] == allocation["counts"], r["step"]
-        budget += allocation["budget"]
-    attempts = sum(q["attempts"] for q in stack.get(f"{stack.api}/v1/questions", limit=1000))
-    assert attempts == budget, "statistics count every planned rollout exactly once"
+    train = trained_exactly_once(stack, STEPS)  # each step once, on its planned groups; statistics = budget
     for step, question in story["orphans"]:
         assert train[step]["replica_ids"][train[step]["question_ids"].index(question)] == "gen-0"
 

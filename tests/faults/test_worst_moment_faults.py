@@ -22,7 +22,6 @@ The tests are the chapters of one run, in order:
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import time
@@ -33,7 +32,7 @@ import pytest
 
 from e3.config import load_config
 from e3.model.base import ensure_base_model
-from fault_stack import FaultStack
+from fault_stack import FaultStack, trained_exactly_once
 from redis_server import free_port
 
 pytestmark = pytest.mark.slow
@@ -177,16 +176,7 @@ def test_the_whole_run_trained_every_planned_group_exactly_once(stack):
         assert stack.procs["trainer"].process.poll() in (None, 0), stack.procs["trainer"].log()[-3000:]
         time.sleep(0.2)
     assert stack.procs["trainer"].process.wait(timeout=120) == 0, stack.procs["trainer"].log()[-3000:]
-    records = [json.loads(line) for line in (stack.run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r.get("phase") == "train"]
-    assert [r["step"] for r in train] == list(range(STEPS)), "each step trained and recorded exactly once"
-    budget = 0
-    for r in train:
-        allocation = stack.get(f"{stack.api}/v1/allocations/{r['step']}")
-        assert r["question_ids"] == allocation["question_ids"] and r["group_sizes"] == allocation["counts"], r["step"]
-        budget += allocation["budget"]
-    attempts = sum(q["attempts"] for q in stack.get(f"{stack.api}/v1/questions", limit=1000))
-    assert attempts == budget, "statistics count every planned rollout exactly once"
+    trained_exactly_once(stack, STEPS)  # each step once, on its planned groups; statistics = budget
     reports = stack.get(f"{stack.api}/v1/reports", limit=64)
     assert [e["step"] for e in reports] == list(range(STEPS))
     assert {e["trainer_epoch"] for e in reports} == {1, 2}, "both trainers reported, each its own steps"
