@@ -94,14 +94,33 @@ class DataConfig(_Section):
 class AllocationConfig(_Section):
     """E3.md section 1: rollout budget per question."""
 
-    mode: Literal["e3", "uniform", "knapsack"] = Field("e3", description="e3: the paper's difficulty rule; "
-                                                      "uniform: n each (GRPO); knapsack: the most expected "
-                                                      "informative groups (e3.core.policies.knapsack)")
+    mode: Literal["e3", "uniform", "knapsack", "greso", "dapo", "speed"] = Field(
+        "e3", description="e3: the paper's difficulty rule; uniform: n each (GRPO); knapsack: the most expected "
+        "informative groups; greso: skip questions whose recent groups were all the same; dapo: part of the "
+        "budget first, the rest refilled with further questions; speed: screen every question, then finish "
+        "the mixed ones (e3.core.policies; dapo and speed plan each step in two rounds)")
     n: int = Field(8, ge=1, description="uniform group size; budget R = batch_questions * n")
     n_low: int = Field(4, ge=1)
     n_high: int = Field(12, ge=1)
     n_update: int = Field(2, ge=0)
     rerank: Literal["epoch", "step"] = Field("epoch", description="when ranks are recomputed (the paper: epoch)")
+    greso_p_easy: float = Field(0.5, ge=0, le=1, description="greso: keep a question whose last z groups were all "
+                                "correct with probability max(p_easy ** z, floor)")
+    greso_p_hard: float = Field(0.5, ge=0, le=1, description="greso: the same for all-wrong groups")
+    greso_floor: float = Field(0.01, ge=0, le=1, description="greso: the least keep probability (exploration)")
+    greso_history: int = Field(4, ge=1, le=64, description="greso: groups per question the store keeps")
+    dapo_first_share: float = Field(0.75, gt=0, le=1, description="dapo: the budget's share the first round spends")
+    speed_screen: int | None = Field(None, ge=1, description="speed: screening rollouts per question; None: n_low")
+
+    def policy_settings(self) -> dict[str, Any]:
+        """The settings of `mode`'s policy, as e3.core.policies.make_policy takes them."""
+        if self.mode == "greso":
+            return {"p_easy": self.greso_p_easy, "p_hard": self.greso_p_hard, "floor": self.greso_floor}
+        if self.mode == "dapo":
+            return {"first_share": self.dapo_first_share}
+        if self.mode == "speed":
+            return {"screen": self.speed_screen}
+        return {}
 
     @model_validator(mode="after")
     def _ordered(self) -> "AllocationConfig":
@@ -497,6 +516,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Beyond the paper (../shared/reference/ALLOCATION.md): the same budget and bounds, spent where a
     # group is most likely to hold both a right and a wrong answer; temperature control as E3's.
     "knapsack": {"allocation": {"mode": "knapsack"}},
+    "greso": {"allocation": {"mode": "greso"}},
+    "dapo": {"allocation": {"mode": "dapo"}},
+    "speed": {"allocation": {"mode": "speed"}},
 }
 PRESETS["paper"] = PRESETS["paper-1.5b"]  # the earlier name of the 1.5B run
 

@@ -11,6 +11,8 @@ ROLLOUTS_PLANNED_TOTAL = "e3_rollouts_planned_total"
 ROLLOUTS_GENERATED_TOTAL = "e3_rollouts_generated_total"  # accepted in submitted groups, scored
 ROLLOUTS_TRAINED_TOTAL = "e3_rollouts_trained_total"
 ALLOCATION_ROLLOUTS = "e3_allocation_rollouts"  # histogram: rollouts given to one question
+ALLOCATION_POLICY = "e3_allocation_policy"  # 1, label policy = the run's allocation.mode
+ALLOCATION_ROUND_ROLLOUTS_TOTAL = "e3_allocation_round_rollouts_total"  # label round = 1 | 2 (two-round policies)
 GROUPS_TOTAL = "e3_groups_total"  # label outcome = all_correct | all_wrong | mixed
 GROUP_OUTCOME_SHARE = "e3_group_outcome_share"  # last trained step; label outcome
 TEMPERATURE = "e3_temperature"

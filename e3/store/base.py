@@ -15,7 +15,7 @@ import enum
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from e3.core.difficulty import QuestionStats
 
@@ -203,6 +203,22 @@ class Store(ABC):
         """Store a step's tasks and queue them, atomically. Raises StepAlreadyPlanned."""
 
     @abstractmethod
+    def extend_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
+        """Add a later round's tasks to a planned step and queue them, atomically; step progress
+        counts them from then on. Raises StepAlreadyPlanned if one of them exists already (the
+        round was added before) and ValueError if the step is not planned."""
+
+    @abstractmethod
+    def record_groups(self, step: int, groups: Mapping[str, tuple[int, int]], keep: int) -> None:
+        """Append each question's trained group of `step`, (rollouts, successes), to its recent
+        history, keeping the last `keep`; a question whose history already holds `step` (or a
+        later one) is left as it is, so recording a step twice changes nothing."""
+
+    @abstractmethod
+    def recent_groups(self, question_ids: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+        """The recorded groups, oldest first, of those questions that have any."""
+
+    @abstractmethod
     def lease(self, replica_id: str, max_tasks: int, now: float, lease_s: float) -> list[TaskRecord]:
         """Hand up to max_tasks queued tasks to a replica, each with a fresh lease_id."""
 
@@ -288,6 +304,16 @@ def revision_of(state: dict) -> int:
     if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
         raise ValueError(f"state revision must be a non-negative integer, got {revision!r}")
     return revision
+
+
+def check_history(groups: Mapping[str, tuple[int, int]], keep: int) -> None:
+    """Reject a history entry that is not 1 <= rollouts and 0 <= successes <= rollouts."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    for question_id, (rollouts, successes) in groups.items():
+        if not (isinstance(rollouts, int) and isinstance(successes, int) and 0 <= successes <= rollouts and rollouts >= 1):
+            raise ValueError(f"question {question_id!r}: a group needs 1 <= rollouts and 0 <= successes <= rollouts, "
+                             f"got ({rollouts!r}, {successes!r})")
 
 
 def check_plan(step: int, tasks: Sequence[TaskRecord]) -> None:

@@ -30,7 +30,7 @@ import typing
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from e3.core.difficulty import QuestionStats
 from e3.store.base import (
@@ -47,6 +47,7 @@ from e3.store.base import (
     SubmitResult,
     TaskRecord,
     TaskStatus,
+    check_history,
     check_plan,
     encode_completion,
     failure_record,
@@ -76,6 +77,7 @@ class MemoryStore(Store):
         self._groups: dict[int, dict[str, bytes]] = {}  # step -> task id -> group, the caller's bytes
         self._failed: dict[int, dict[str, str]] = {}  # step -> task id -> failure record JSON
         self._queue: deque[str] = deque()
+        self._history: dict[str, tuple[int, list[tuple[int, int]]]] = {}  # question -> (last step, groups)
         self._leases: dict[str, float] = {}  # task id -> lease expiry
         self._expiries = 0
         self._duplicates = 0
@@ -154,6 +156,31 @@ class MemoryStore(Store):
                 # A copy, so the caller's records never alias the store's.
                 self._tasks[task.task_id] = dataclasses.replace(task, status=TaskStatus.PENDING)
                 self._queue.append(task.task_id)
+
+    def extend_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
+        check_plan(step, tasks)
+        with self._lock:
+            if step not in self._steps:
+                raise ValueError(f"step {step} is not planned: only a planned step takes a further round")
+            for task in tasks:
+                if task.task_id in self._tasks:
+                    raise StepAlreadyPlanned(f"task {task.task_id!r} of step {step}'s further round exists already")
+            for task in tasks:
+                self._steps[step].append(task.task_id)
+                self._tasks[task.task_id] = dataclasses.replace(task, status=TaskStatus.PENDING)
+                self._queue.append(task.task_id)
+
+    def record_groups(self, step: int, groups: Mapping[str, tuple[int, int]], keep: int) -> None:
+        check_history(groups, keep)
+        with self._lock:
+            for question_id, group in groups.items():
+                last, recent = self._history.get(question_id, (-1, []))
+                if step > last:
+                    self._history[question_id] = (step, (recent + [tuple(group)])[-keep:])
+
+    def recent_groups(self, question_ids: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+        with self._lock:
+            return {q: list(self._history[q][1]) for q in question_ids if q in self._history}
 
     def lease(self, replica_id: str, max_tasks: int, now: float, lease_s: float) -> list[TaskRecord]:
         expires = float(now) + float(lease_s)
@@ -339,6 +366,7 @@ class MemoryStore(Store):
                        for s, gs in self._groups.items()},
             "failed": {str(s): {t: json.loads(f) for t, f in fs.items()} for s, fs in self._failed.items()},
             "queue": list(self._queue),
+            "history": {q: [last, [list(g) for g in groups]] for q, (last, groups) in self._history.items()},
             "counters": {"lease_expiries": self._expiries, "duplicates": self._duplicates},
         }
         text = json.dumps(data)  # json writes floats with repr: they round-trip exactly
@@ -390,6 +418,9 @@ class MemoryStore(Store):
         self._failed = {s: {} for s in self._steps} | {
             int(s): {str(t): json.dumps(f) for t, f in fs.items()} for s, fs in failed.items()}
         self._queue = deque(str(t) for t in data["queue"])
+        # Snapshots written before the recent-groups history have no "history" part.
+        self._history = {str(q): (_int(last, f"history[{q!r}]"), [(_int(r, "history"), _int(c, "history")) for r, c in groups])
+                         for q, (last, groups) in data.get("history", {}).items()}
         self._leases = {t.task_id: t.lease_expires_at for t in self._tasks.values() if t.status == TaskStatus.LEASED}
         self._expiries = _int(data["counters"]["lease_expiries"], "counters.lease_expiries")
         self._duplicates = _int(data["counters"]["duplicates"], "counters.duplicates")

@@ -31,6 +31,55 @@ redis.call('SADD', prefix .. 'steps', step)
 return {'ok'}
 """
 
+# ARGV: prefix, step, nfields, field names..., then per task its values.
+# Adds a later round's tasks to a planned step: they join its task list (so
+# step progress counts them) and the queue's back.
+EXTEND_STEP = """
+local prefix, step = ARGV[1], ARGV[2]
+if redis.call('SISMEMBER', prefix .. 'steps', step) == 0 then return {'unplanned'} end
+local nfields = tonumber(ARGV[3])
+local first = 4 + nfields
+for base = first, #ARGV, nfields do
+  if redis.call('EXISTS', prefix .. 'task:' .. ARGV[base]) == 1 then return {'exists', ARGV[base]} end
+end
+for base = first, #ARGV, nfields do
+  local kv = {}
+  for f = 0, nfields - 1 do
+    kv[#kv + 1] = ARGV[4 + f]
+    kv[#kv + 1] = ARGV[base + f]
+  end
+  redis.call('HSET', prefix .. 'task:' .. ARGV[base], unpack(kv))
+  redis.call('RPUSH', prefix .. 'step:' .. step .. ':tasks', ARGV[base])
+  redis.call('RPUSH', prefix .. 'queue', ARGV[base])
+end
+return {'ok'}
+"""
+
+# ARGV: prefix, step, keep, then pairs of question id and "rollouts:successes".
+# The history hash holds per question "<last step>|r:s,r:s,..." (oldest
+# first, at most `keep`); a step already recorded is skipped, so a retried
+# report appends nothing twice.
+RECORD_GROUPS = """
+local prefix, step, keep = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local key = prefix .. 'history'
+for i = 4, #ARGV, 2 do
+  local old = redis.call('HGET', key, ARGV[i])
+  local last, list = -1, ''
+  if old then
+    local bar = string.find(old, '|', 1, true)
+    last, list = tonumber(string.sub(old, 1, bar - 1)), string.sub(old, bar + 1)
+  end
+  if step > last then
+    local items = {}
+    for item in string.gmatch(list, '[^,]+') do items[#items + 1] = item end
+    items[#items + 1] = ARGV[i + 1]
+    while #items > keep do table.remove(items, 1) end
+    redis.call('HSET', key, ARGV[i], step .. '|' .. table.concat(items, ','))
+  end
+end
+return 1
+"""
+
 # ARGV: prefix, replica id, lease expiry, max tasks, lease id base.
 LEASE = """
 local prefix, replica, expires = ARGV[1], ARGV[2], ARGV[3]

@@ -49,7 +49,7 @@ import functools
 import json
 import typing
 import uuid
-from typing import Sequence
+from typing import Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -72,6 +72,7 @@ from e3.store.base import (
     SubmitResult,
     TaskRecord,
     TaskStatus,
+    check_history,
     check_plan,
     encode_completion,
     revision_of,
@@ -165,6 +166,8 @@ class RedisStore(Store):
         self._holder = ""
         fenced = self._fenced_script
         self._plan = fenced(lua.PLAN_STEP)
+        self._extend = fenced(lua.EXTEND_STEP)
+        self._record_groups = fenced(lua.RECORD_GROUPS)
         self._lease = fenced(lua.LEASE)
         self._expire = fenced(lua.EXPIRE)
         self._complete = fenced(lua.COMPLETE)
@@ -277,6 +280,38 @@ class RedisStore(Store):
             raise StepAlreadyPlanned(f"step {step} is already planned")
         if reply[0] == "exists":
             raise ValueError(f"task id {reply[1]!r} already exists in this store")
+
+    def extend_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
+        check_plan(step, tasks)
+        if not tasks:
+            return
+        args: list[str] = [self._p, str(int(step)), str(len(_TASK_FIELDS)), *_TASK_FIELDS]
+        for task in tasks:
+            args.extend(_task_to_text(task))
+        reply = self._extend(args=args)
+        if reply[0] == "unplanned":
+            raise ValueError(f"step {step} is not planned: only a planned step takes a further round")
+        if reply[0] == "exists":
+            raise StepAlreadyPlanned(f"task {reply[1]!r} of step {step}'s further round exists already")
+
+    def record_groups(self, step: int, groups: Mapping[str, tuple[int, int]], keep: int) -> None:
+        check_history(groups, keep)
+        if not groups:
+            return
+        args = [self._p, str(int(step)), str(int(keep))]
+        for question_id, (rollouts, successes) in groups.items():
+            args += [question_id, f"{rollouts}:{successes}"]
+        self._record_groups(args=args)
+
+    def recent_groups(self, question_ids: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+        if not question_ids:
+            return {}
+        out: dict[str, list[tuple[int, int]]] = {}
+        for question_id, raw in zip(question_ids, self._r.hmget(self._p + "history", list(question_ids))):
+            if raw:
+                items = raw.partition("|")[2]
+                out[question_id] = [(int(r), int(s)) for r, _, s in (i.partition(":") for i in items.split(",") if i)]
+        return out
 
     def lease(self, replica_id: str, max_tasks: int, now: float, lease_s: float) -> list[TaskRecord]:
         if max_tasks <= 0:

@@ -9,9 +9,10 @@ Everything that must survive a restart lives in the store (the run state,
 services.scheduler.run_state); the engine can be rebuilt from it at any moment.
 
 Each job is one part, a class the engine is made of, in its own module:
-planning (Planning), leasing (Leasing), taking in groups (GroupIntake), the
-trainer's side (TrainerSide), the read views (ReadViews) and keeping the
-run state in line with the store (Reconciliation). This module builds the
+planning (Planning), a two-round step's second round (StepRounds),
+leasing (Leasing), taking in groups (GroupIntake), the trainer's side
+(TrainerSide), the read views (ReadViews) and keeping the run state in line
+with the store (Reconciliation). This module builds the
 engine and recovers it from the store.
 """
 
@@ -36,6 +37,7 @@ from services.scheduler.leasing import MAX_LEASE_WAITERS, Leasing
 from services.scheduler.planning import Planning
 from services.scheduler.prompt_limits import context_length
 from services.scheduler.reconcile import Reconciliation
+from services.scheduler.rounds import StepRounds
 from services.scheduler.run_state import RunState
 from services.scheduler.submission import ModelLimits, PromptBook
 from services.scheduler.trainer_side import TrainerSide
@@ -43,7 +45,7 @@ from services.scheduler.views import ReadViews
 from services.scheduler.work_signal import WorkSignal
 
 
-class SchedulerEngine(Planning, Leasing, GroupIntake, TrainerSide, ReadViews, Reconciliation):
+class SchedulerEngine(Planning, StepRounds, Leasing, GroupIntake, TrainerSide, ReadViews, Reconciliation):
     """Plans steps and tracks their progress; thread-safe."""
 
     def __init__(
@@ -118,3 +120,5 @@ class SchedulerEngine(Planning, Leasing, GroupIntake, TrainerSide, ReadViews, Re
             store.drop_step(state.step - 1)
         # The start-up's own revision: the store must still hold the one read above.
         self._commit(RunState.from_dict(self.state.to_dict()))
+        # A two-round step whose first round finished while no scheduler ran (or before one died).
+        self._advance_round(self.state.step)

@@ -32,6 +32,7 @@ class GroupIntake:
     question_of: Callable[[TaskRecord], Question]
     _count_failure: Callable[[TaskFailureReport], FailResult]
     _check_live: Callable[[], None]
+    _advance_round: Callable[..., bool]
 
     def submit(self, submission: Submission) -> tuple[SubmitOutcome, int, int]:
         self._check_live()
@@ -67,6 +68,8 @@ class GroupIntake:
         if self.observer:
             self.observer.on_submit(result.outcome, rewards, sum(len(s.response_token_ids) for s in submission.samples),
                                     validation=validation.split_of(task.task_id) is not None)
+        if result.outcome != SubmitOutcome.STALE and self._advance_round(task.step, result.step_done):
+            return result.outcome, result.step_done, result.step_total  # the step grew: it is not complete
         if result.step_done == result.step_total:
             with self._step_complete:
                 self._step_complete.notify_all()

@@ -75,9 +75,15 @@ class Allocation(BaseModel):
     budget: int
     temperature: float
     policy_version: int
-    question_ids: list[str]
+    question_ids: list[str] = Field(description="the batch, then the reserve (`reserve` questions) of a policy "
+                                    "that may skip or refill")
     ranks: list[float]
-    counts: list[int]
+    counts: list[int] = Field(description="rollouts per question of question_ids, all rounds together (0: not sampled)")
+    reserve: int = Field(0, description="how many of question_ids are the reserve, after the batch")
+    rounds: list[list[int]] | None = Field(
+        None, description="a two-round policy's counts per round (dapo, speed): the first round, then the "
+        "second once the first is scored; None for a one-round policy")
+    policy: str = Field(description="the allocation policy that planned the step (allocation.mode)")
 
 
 class Lease(BaseModel):
@@ -171,7 +177,8 @@ def create_app(
         record = engine.allocation(step)
         if record is None:
             raise HTTPException(404, f"no allocation for step {step} (planned steps are kept for 64 steps)")
-        return Allocation(**{k: record[k] for k in Allocation.model_fields})
+        return Allocation(**{k: record[k] for k in Allocation.model_fields if k in record},
+                          policy=engine.config.allocation.mode)
 
     @app.get("/v1/reports", dependencies=reader, responses=REFUSED)
     def reports(limit: int = Query(20, ge=1, le=64)) -> list[dict]:

@@ -45,6 +45,7 @@ class Leasing:
     _step_complete: threading.Condition
     _work: WorkSignal
     question_of: Callable[[TaskRecord], Question]
+    _advance_round: Callable[..., bool]
 
     def lease(self, replica_id: str, max_tasks: int, wait_s: float = 0.0) -> LeaseResult:
         """Up to `max_tasks` tasks of the current step, leased to `replica_id`.
@@ -168,6 +169,9 @@ class Leasing:
         elif result.outcome == FailOutcome.FAILED:
             log.warning("task %s failed %d times, marked failed (last: %s on %s: %s)", failure.task_id,
                         result.failures, failure.reason, failure.replica_id, failure.detail[:200])
+            task = self.store.task(failure.task_id)
+            if task is not None and self._advance_round(task.step, result.step_done):
+                return result  # a failed first-round task can finish the first round: the second joined
             if result.step_done == result.step_total:
                 with self._step_complete:
                     self._step_complete.notify_all()

@@ -27,6 +27,11 @@ class SchedulerMetrics:
             m.ALLOCATION_ROLLOUTS, "Rollouts given to one question in one step", registry=r,
             buckets=(1, 2, 4, 6, 8, 10, 12, 16, 24, 32),
         )
+        self.policy = Gauge(m.ALLOCATION_POLICY, "1 for the run's allocation policy (allocation.mode)", ["policy"],
+                            registry=r)
+        self.round_rollouts = Counter(m.ALLOCATION_ROUND_ROLLOUTS_TOTAL,
+                                      "Rollouts planned per allocation round (round 2: two-round policies only)",
+                                      ["round"], registry=r)
         self.groups = Counter(m.GROUPS_TOTAL, "Trained groups by outcome", ["outcome"], registry=r)
         self.outcome_share = Gauge(m.GROUP_OUTCOME_SHARE, "Share of groups by outcome in the last step", ["outcome"], registry=r)
         self.temperature = Gauge(m.TEMPERATURE, "Sampling temperature of the current step", registry=r)
@@ -58,6 +63,8 @@ class SchedulerMetrics:
             self.submissions.labels(result)
         for result in ("renewed", "lost"):
             self.renewals.labels(result)
+        for round_ in ("1", "2"):
+            self.round_rollouts.labels(round_)
 
     def bind(self, engine) -> None:
         """Gauges read live from the engine and store at scrape time."""
@@ -69,13 +76,27 @@ class SchedulerMetrics:
         self.epoch.set_function(lambda: engine.epoch_of(engine.step))
         self.policy_version.set_function(lambda: engine.state.policy_version)
         self.temperature.set_function(lambda: engine.temperature)
+        self.policy.labels(engine.config.allocation.mode).set(1)
 
     def on_plan(self, record: dict) -> None:
-        self.planned.inc(sum(record["counts"]))
-        for count in record["counts"]:
-            self.allocation.observe(count)
+        """A step planned; for a two-round policy this is its first round (on_round adds the second)."""
+        first = record["rounds"][0] if "rounds" in record else record["counts"]
+        self.planned.inc(sum(first))
+        self.round_rollouts.labels("1").inc(sum(first))
+        if "rounds" not in record:  # a two-round step's per-question totals are known after its second round
+            for count in record["counts"]:
+                if count:  # a question the policy skipped (greso) is no group
+                    self.allocation.observe(count)
         self.bounds.labels("n_min").set(record["n_min"])
         self.bounds.labels("n_max").set(record["n_max"])
+
+    def on_round(self, record: dict) -> None:
+        """A two-round step's second round planned: its rollouts, and every question's total of both rounds."""
+        self.planned.inc(sum(record["rounds"][1]))
+        self.round_rollouts.labels("2").inc(sum(record["rounds"][1]))
+        for count in record["counts"]:
+            if count:  # a question the policy did not sample is no group
+                self.allocation.observe(count)
 
     def on_submit(self, outcome, rewards, tokens, validation: bool = False) -> None:
         self.submissions.labels(outcome.value).inc()

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from e3.config import E3Config
 from e3.core.allocation import WideningSchedule
-from e3.core.curriculum import plan_step
+from e3.core.curriculum import ROUND_MODES, plan_step
+from e3.core.policies import GroupRecord
 from e3.store.base import Store, StepAlreadyPlanned, TaskRecord
 from e3.tasks.question import Question
 from services.scheduler import validation
@@ -38,7 +39,12 @@ class Planning:
         return self._ranks
 
     def _plan(self, step: int, state: RunState) -> bool:
-        """Queue a step's tasks and record its allocation in `state`; True if newly queued."""
+        """Queue a step's tasks and record its allocation in `state`; True if newly queued.
+
+        Planning a step the store holds already keeps the recorded allocation:
+        it is what was queued (a two-round step's record also holds its second
+        round), whereas statistics read now may have moved since.
+        """
         alloc = self.config.allocation
         plan = plan_step(
             step,
@@ -51,8 +57,11 @@ class Planning:
             self.ranks(),
             self.priors,
             stats_of=self.store.stats,
+            recent_of=self._recent_groups,
+            settings=alloc.policy_settings(),
         )
         temperature = state.step_temperature(self.config.temperature)
+        # A task per sampled question, numbered by its place in the plan (a skipping policy leaves gaps).
         tasks = [
             TaskRecord(
                 task_id=f"s{step}-{i}",
@@ -63,6 +72,7 @@ class Planning:
                 policy_version=state.policy_version,
             )
             for i, (qid, count) in enumerate(zip(plan.question_ids, plan.counts))
+            if count
         ]
         tasks += self.validation.tasks(step, state.policy_version)
         try:
@@ -70,15 +80,23 @@ class Planning:
             fresh = True
         except StepAlreadyPlanned:
             fresh = False  # a restarted scheduler (or a retried report) finds its plan queued
-        # "tasks": how many the store must hold for the step (training and validation), which a
-        # report's adoption and the reconciliation with the store check (services.scheduler.reconcile).
-        record = plan.to_dict() | {"temperature": temperature, "policy_version": state.policy_version,
-                                   "tasks": len(tasks)}
         allocations = state.allocations
-        allocations[str(step)] = record
+        if fresh or str(step) not in allocations:
+            # "tasks": how many the store must hold for the step (training and validation), which a
+            # report's adoption and the reconciliation with the store check (services.scheduler.reconcile).
+            record = plan.to_dict() | {"temperature": temperature, "policy_version": state.policy_version,
+                                       "tasks": len(tasks)}
+            if alloc.mode in ROUND_MODES:
+                record["rounds"] = [list(plan.counts)]  # the second joins once the first is scored
+            allocations[str(step)] = record
         for old in [k for k in allocations if int(k) <= step - ALLOCATION_HISTORY]:
             del allocations[old]
         return fresh
+
+    def _recent_groups(self, question_ids: list[str]) -> dict[str, tuple[GroupRecord, ...]]:
+        """Each question's recorded recent groups (greso's history), as the policies take them."""
+        return {q: tuple(GroupRecord(r, s) for r, s in groups)
+                for q, groups in self.store.recent_groups(question_ids).items()}
 
     def _plan_final_validation(self, step: int, state: RunState) -> bool:
         """Queue the final validation step (validation tasks only); True if newly queued."""

@@ -52,6 +52,7 @@ class Reconciliation:
     on_halt: Callable[[str], None] | None
     _plan: Callable[[int, RunState], bool]
     _plan_final_validation: Callable[[int, RunState], bool]
+    rounds_settled: Callable[[int], bool]
     _signal_work: Callable[[], None]
     close: Callable[[], None]
 
@@ -135,7 +136,10 @@ class Reconciliation:
             self._plan(self.state.step, self.state)
         done, total = self.store.step_progress(self.state.step)
         planned = (self.state.allocations.get(str(self.state.step)) or {}).get("tasks")
-        if planned and total != planned:
+        # More tasks than the state knows, in a step still in its first round: the store holds a
+        # second round whose record was not saved yet; StepRounds saves it when it next looks.
+        round_pending = planned and total > planned and not self.rounds_settled(self.state.step)
+        if planned and total != planned and not round_pending:
             self.halt(f"step {self.state.step} has {total} tasks in the store but {planned} planned, and planning "
                       f"again cannot restore them (the store keeps the step marked planned): the store is "
                       f"inconsistent; restore it from a backup, or start a new run")

@@ -61,3 +61,21 @@ def decode(data: bytes) -> dict:
 
 def decode_all(items: list[bytes]) -> list[dict]:
     return [decode(data) for data in items]
+
+
+def merge_rounds(groups: list[dict]) -> list[dict]:
+    """One group per question: a two-round step's later groups of a question join its first.
+
+    The trainer and the report see a question's rollouts as one group (its
+    advantage baseline spans both rounds); the merged group keeps the first
+    group's task id and the other fields, which both rounds share. Groups
+    keep the order of their first appearance.
+    """
+    merged: dict[str, dict] = {}
+    for group in groups:
+        first = merged.get(group["question_id"])
+        if first is None:
+            merged[group["question_id"]] = group
+        else:
+            first["samples"] = first["samples"] + group["samples"]
+    return list(merged.values())

@@ -56,6 +56,8 @@ class TrainerSide:
     halted: str | None
     _check_live: Callable[[], None]
     _commit: Callable[[RunState], None]
+    rounds_settled: Callable[[int], bool]
+    _advance_round: Callable[..., bool]
 
     def register_trainer(self, trainer_id: str, epoch: int = 0) -> int:
         """Epoch 0: give a starting trainer the next epoch, superseding the others. Else check `epoch` is current."""
@@ -104,7 +106,10 @@ class TrainerSide:
             while True:
                 done, total = self.store.step_progress(step)
                 if total and done == total:
-                    break
+                    if self.rounds_settled(step):
+                        break
+                    if self._advance_round(step, done):
+                        continue  # the second round joined the step: wait for it too
                 remaining = deadline - time.monotonic()
                 if self.halted:
                     self._check_live()
@@ -118,6 +123,7 @@ class TrainerSide:
         record = state.allocations.get(str(step)) or {}
         groups = stored_groups.decode_all(self.store.step_groups(step))
         failed = self.store.step_failures(step)
+        training = stored_groups.merge_rounds([g for g in groups if validation.split_of(g["task_id"]) is None])
         if self.state.step != step:  # adopted meanwhile (a report raced this read): its groups are gone
             raise SchedulerError("failed_precondition", f"step {step} is already trained (current step is "
                                  f"{self.state.step})")
@@ -125,7 +131,7 @@ class TrainerSide:
             "step": step,
             "policy_version": record.get("policy_version", state.policy_version),
             "temperature": record.get("temperature", state.step_temperature(self.config.temperature)),
-            "groups": [g for g in groups if validation.split_of(g["task_id"]) is None],
+            "groups": training,
             "validation": validation.summarize(groups),
             "failed_tasks": failed,
         }
@@ -164,7 +170,7 @@ class TrainerSide:
                                      f"it was published at")
 
             all_groups = stored_groups.decode_all(self.store.step_groups(step))
-            groups = [g for g in all_groups if validation.split_of(g["task_id"]) is None]
+            groups = stored_groups.merge_rounds([g for g in all_groups if validation.split_of(g["task_id"]) is None])
             measured = validation.summarize(all_groups)
             outcomes = [group_outcome([s["reward"] for s in g["samples"]]).value for g in groups]
             new = copy.deepcopy(self.state)
@@ -196,6 +202,10 @@ class TrainerSide:
                 "failed_tasks": len(failed),
             }
             new.reports = (new.reports + [entry])[-ALLOCATION_HISTORY:]
+            if self.config.allocation.mode == "greso":  # greso skips by each question's recent groups
+                self.store.record_groups(step, {g["question_id"]: (len(g["samples"]), sum(
+                    1 for x in g["samples"] if x["reward"] >= 1.0)) for g in groups if g["samples"]},
+                    self.config.allocation.greso_history)
             next_step = step + 1
             if self.config.allocation.rerank == "step" or next_step % self.steps_per_epoch == 0:
                 ranks = accuracy_ranks(self.question_ids, self.store.all_stats())
@@ -258,6 +268,9 @@ class TrainerSide:
                                  f"the scheduler plans them again (ask again)")
         if done != total:
             raise SchedulerError("failed_precondition", f"step {step} is not complete ({done} of {total} groups)")
+        if not self.rounds_settled(step):
+            raise SchedulerError("failed_precondition", f"step {step} has finished its first round; its second "
+                                 f"round is being planned (ask again)")
 
     @staticmethod
     def _check_same_report(adopted: dict, report: StepReport) -> None:

@@ -58,6 +58,8 @@ def test_a_second_scheduler_waits_for_the_lease_then_takes_over_and_fences_the_f
         "expire_leases": lambda: old.expire_leases(1e9),
         "release": lambda: old.release("replica"),
         "drop_step": lambda: old.drop_step(0),
+        "extend_step": lambda: old.extend_step(0, [TaskRecord("late-0", 0, "q9", 2, 1.0, 0)]),
+        "record_groups": lambda: old.record_groups(0, {"q0": (2, 1)}, keep=4),
         "save_ranks": lambda: old.save_ranks({"q0": 0.5}),
         "renew_leadership": lambda: old.renew_leadership(5.0),
     }

@@ -27,7 +27,9 @@ from typing import Callable, Protocol, Sequence, Union, runtime_checkable
 from e3.core.allocation import InfeasibleBudget
 from e3.core.difficulty import QuestionStats
 
-Outcomes = Sequence[Sequence[float]]  # the first round's rewards, one list per question of the request
+# The first round's rewards, one list per question of the request; an empty list for a question
+# the first round did not sample, or whose first-round task failed and so has no group.
+Outcomes = Sequence[Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -185,10 +187,13 @@ def is_mixed(rewards: Sequence[float]) -> bool:
 
 
 def check_outcomes(request: AllocationRequest, first: Sequence[int], outcomes: Outcomes) -> None:
-    """Reject first-round outcomes that do not match the first-round plan, naming the question."""
+    """Reject first-round outcomes that do not match the first-round plan, naming the question.
+
+    A question's rewards must be as many as its planned rollouts, or none (its task failed)."""
     if len(outcomes) != len(first):
         raise ValueError(f"expected outcomes for {len(first)} questions, got {len(outcomes)}")
     for candidate, count, rewards in zip(request.questions, first, outcomes):
-        if len(rewards) != count:
+        # An empty list stands for a planned question whose first round failed (no group): not mixed.
+        if len(rewards) != count and rewards:
             raise ValueError(f"question {candidate.question_id!r}: planned {count} first-round rollouts, "
                              f"got {len(rewards)} rewards")
