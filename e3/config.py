@@ -175,6 +175,15 @@ class TrainingConfig(_Section):
                                   "moments) every N steps; a restart without loss needs 1")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in <run_dir>/checkpoints, newest first")
     max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
+    max_async_level: int = Field(
+        0, ge=0, le=8, description="k: how many steps sampling may run ahead of training. 0: lock-step (a step "
+        "is planned when the previous one is reported). k >= 1: the next step is planned as soon as the last "
+        "planned one has all its groups, up to k steps past the one being trained, so a trained group is at "
+        "most k policy versions old (docs/training.md, 'Asynchronous rollouts')")
+    behaviour_weight_cap: float = Field(
+        2.0, ge=1.0, description="groups sampled by an older policy (max_async_level >= 1) are weighted per token "
+        "by min(pi_trainer / pi_sampler, this cap): decoupled PPO with the sampler as the behaviour policy, "
+        "its weight truncated as in truncated importance sampling")
 
 
 class SchedulerConfig(_Section):

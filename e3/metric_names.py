@@ -61,3 +61,4 @@ TRAINER_SAMPLER_LOGPROB_DIFF = "e3_trainer_sampler_logprob_diff"  # label stat =
 TRAINER_GROUP_ROLLOUTS = "e3_trainer_group_rollouts"  # label level = the questions' difficulty level (0: none given)
 TRAINER_SAMPLER_RATIO_MAX = "e3_trainer_sampler_ratio_max"  # exp(max |trainer - sampler| log-prob): the largest ratio
 TRAINER_GROUP_STALENESS = "e3_trainer_group_staleness"  # histogram: policy versions between sampling and training
+TRAINER_STALE_TOKEN_SHARE = "e3_trainer_stale_token_share"  # loss tokens an older policy sampled (max_async_level)

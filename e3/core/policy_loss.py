@@ -65,11 +65,20 @@ def grpo_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
+    behaviour_weight: torch.Tensor | None = None,
 ) -> LossParts:
     """PPO-style clipped objective with separate low/high clip (clip-higher).
 
     logprobs, old_logprobs, mask: [B, L]; advantages: [B] (one per response)
     or [B, L]. With kl_coef > 0, adds the k3 estimator of KL(pi || ref).
+
+    behaviour_weight [B, L] (no gradient): decoupled PPO for tokens another
+    policy sampled. The clip works on pi / pi_old as always (pi_old, the
+    proximal policy, is the trainer's own before the update), and each
+    token's clipped term is multiplied by pi_old / pi_behaviour, the
+    importance weight from the policy that sampled it, which the caller
+    truncates (e3.train.update.behaviour_weights). None: every token is
+    on-policy, and the loss is exactly the one without the argument.
     """
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got low={clip_low}, high={clip_high}")
@@ -85,6 +94,8 @@ def grpo_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if behaviour_weight is not None:
+        per_token = per_token * behaviour_weight.to(per_token.dtype)
     policy_loss = masked_mean(per_token, mask)
 
     if kl_coef > 0:

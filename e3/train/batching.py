@@ -36,6 +36,9 @@ class TrainingBatch:
     # [N, L - 1]: the sampler's log-probability of each response token, aligned
     # with response_mask; NaN where the replica sent none.
     sampler_logprobs: torch.Tensor | None = None
+    # [N] bool: sampled by an older policy than the one being trained (max_async_level >= 1);
+    # None when every sample is on-policy. Such samples carry a behaviour weight in the loss.
+    stale: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -65,6 +68,7 @@ class TrainingBatch:
             self.group_sizes, self.outcomes, self.levels,
             None if self.truncated is None else self.truncated[index],
             None if self.sampler_logprobs is None else self.sampler_logprobs[index, : width - 1],
+            None if self.stale is None else self.stale[index],
         )
 
     @property
@@ -75,8 +79,12 @@ class TrainingBatch:
 OVERLONG = ("score", "mask")
 
 
-def build_batch(groups: list[dict], pad_id: int, overlong: str = "score") -> TrainingBatch:
-    """groups: dicts with 'temperature', 'level' and 'samples' (token ids, reward, optional finish_reason)."""
+def build_batch(groups: list[dict], pad_id: int, overlong: str = "score", trained_version: int | None = None
+                ) -> TrainingBatch:
+    """groups: dicts with 'temperature', 'level' and 'samples' (token ids, reward, optional finish_reason).
+
+    With `trained_version`, the samples of a group whose 'policy_version' is
+    older are marked `stale` (None when no group is)."""
     if not groups:
         raise ValueError("a training batch needs at least one group")
     if overlong not in OVERLONG:
@@ -116,7 +124,12 @@ def build_batch(groups: list[dict], pad_id: int, overlong: str = "score") -> Tra
             response_mask[i, p - 1 : len(seq) - 1] = 1.0
         if sampled_logprobs[i]:
             sampler[i, p - 1 : len(seq) - 1] = torch.tensor(sampled_logprobs[i])
+    stale = None
+    if trained_version is not None and any(g.get("policy_version", trained_version) < trained_version for g in groups):
+        stale = torch.tensor([g.get("policy_version", trained_version) < trained_version
+                              for g in groups for _ in g["samples"]], dtype=torch.bool)
     return TrainingBatch(
+        stale=stale,
         input_ids=input_ids,
         attention_mask=attention,
         response_mask=response_mask,

@@ -64,6 +64,10 @@ class UpdateResult:
     # near 0 when vLLM and the trainer run the same weights on the same input.
     sampler_diff_max: float = float("nan")
     sampler_diff_mean: float = float("nan")
+    # Tokens of samples an older policy sampled (max_async_level >= 1), and the mean of their
+    # truncated behaviour weights (NaN when there were none).
+    stale_tokens: float = 0.0
+    behaviour_weight_mean: float = float("nan")
 
 
 def _forward(model, micro: TrainingBatch, chunk_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +154,7 @@ def grpo_update(
     logit_chunk_tokens: int | None = None,
     force_old_pass: bool = False,
     topology: Topology | None = None,
+    behaviour_weight_cap: float = 2.0,
 ) -> UpdateResult:
     """The optimizer steps of one training step on `batch`; every rank of `topology` calls it with the same batch.
 
@@ -177,6 +182,7 @@ def grpo_update(
     parts = [p for p in torch.tensor_split(order, min(mini_batches, batch.num_samples)) if len(p)]
     losses, norms = [], []
     clip_sum = kl_sum = weight_sum = 0.0  # token-weighted over every micro-batch of every rank
+    stale_tokens = weight_total = 0.0  # the tokens of stale samples, and their behaviour weights' sum
     skipped = False
     steps = 0
     for part_index in parts:
@@ -198,10 +204,16 @@ def grpo_update(
                 old_part = logprobs.detach()
             else:
                 old_part = old[index, :width].to(device)
+            behaviour = behaviour_weights(old_part, micro, behaviour_weight_cap) if index is not None else None
+            if behaviour is not None:
+                stale_mask = micro.stale.to(device)[:, None] * mask
+                stale_tokens += float(stale_mask.sum())
+                weight_total += float((behaviour * stale_mask).sum())
             parts_out = grpo_loss(
                 logprobs, old_part, micro.advantages.to(device), mask,
                 clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef,
                 ref_logprobs=None if ref is None else old_part if index is None else ref[index, :width].to(device),
+                behaviour_weight=behaviour,
             )
             # masked_mean divides by this micro-batch's tokens; re-weight so the
             # accumulated gradient is the token-level mean over the whole part
@@ -224,8 +236,8 @@ def grpo_update(
             break  # the rest of the batch would build on a broken state
         optimizer.step()
         steps += 1
-    clip_sum, kl_sum, weight_sum, entropy_sum, entropy_tokens = sum_over_ranks(
-        [clip_sum, kl_sum, weight_sum, entropy_sum, entropy_tokens], topology)
+    clip_sum, kl_sum, weight_sum, entropy_sum, entropy_tokens, stale_tokens, weight_total = sum_over_ranks(
+        [clip_sum, kl_sum, weight_sum, entropy_sum, entropy_tokens, stale_tokens, weight_total], topology)
     if single_pass:
         entropy = entropy_sum / max(entropy_tokens, 1.0)
         sum_tensor_over_ranks(old, topology)
@@ -240,7 +252,25 @@ def grpo_update(
         optimizer_steps=steps,
         sampler_diff_max=diff_max,
         sampler_diff_mean=diff_mean,
+        stale_tokens=stale_tokens,
+        behaviour_weight_mean=weight_total / stale_tokens if stale_tokens else float("nan"),
     )
+
+
+def behaviour_weights(old: torch.Tensor, micro: TrainingBatch, cap: float) -> torch.Tensor | None:
+    """Per-token min(pi_old / pi_sampler, cap) for the micro-batch's stale samples, 1 elsewhere; None if none is stale.
+
+    pi_old is the trainer's own policy before this update (the proximal
+    policy of decoupled PPO), pi_sampler the replica's that sampled the
+    token; a token without a sampler log-probability keeps weight 1.
+    Truncation at `cap` bounds the variance a rare token's weight would add.
+    """
+    if micro.stale is None or micro.sampler_logprobs is None or not bool(micro.stale.any()):
+        return None
+    sampler = micro.sampler_logprobs.to(old.device)
+    log_weight = (old.detach() - sampler).clamp(max=math.log(cap))
+    use = micro.stale.to(old.device)[:, None] & ~torch.isnan(sampler)
+    return torch.where(use, torch.exp(torch.nan_to_num(log_weight)), torch.ones_like(old))
 
 
 def sampler_difference(old: torch.Tensor, batch: TrainingBatch) -> tuple[float, float]:

@@ -80,7 +80,7 @@ async def serve(config: E3Config, args: argparse.Namespace, log) -> str:
         settings = WorkerSettings(
             replica_id=args.replica_id, max_tasks=args.max_tasks, reward_url=args.reward_url, token=config.auth.generation_token,
             leases_in_flight=gen.leases_in_flight, lease_wait_s=gen.lease_wait_s,
-            sampling_delay_s=config.fault.sampling_delay_s,
+            sampling_delay_s=config.fault.sampling_delay_s, samples_ahead=config.training.max_async_level > 0,
         )
         async with httpx.AsyncClient(verify=httpx_verify(config.tls)) as http:
             replica = Replica(engine, pb_grpc.SchedulerStub(channel), http, settings, metrics, state)

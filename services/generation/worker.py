@@ -80,6 +80,14 @@ class WorkerSettings:
     # time, and the heartbeat keeps its leases alive meanwhile.
     score_timeout_s: float = 600.0
     sampling_delay_s: float = 0.0  # fault.sampling_delay_s: each lease's sampling held back this long
+    # training.max_async_level >= 1: a task planned under an older policy than the loaded one is
+    # sampled with the loaded one (the scheduler takes it); 0: only tasks of the loaded version.
+    samples_ahead: bool = False
+
+    def can_sample(self, task_version: int, loaded_version: int | None) -> bool:
+        if loaded_version is None:
+            return False
+        return task_version <= loaded_version if self.samples_ahead else task_version == loaded_version
 
     def __post_init__(self) -> None:
         if self.max_tasks < 1 or self.leases_in_flight < 1:
@@ -323,7 +331,7 @@ class Replica:
     async def _renewed_work(self, tasks: list[pb.RolloutTask]) -> None:
         """`work` on a lease, its tasks renewed by the heartbeat meanwhile (those it will
         sample: a task for another policy version is left to expire)."""
-        held = [t.task_id for t in tasks if t.policy_version == self.engine.loaded_version]
+        held = [t.task_id for t in tasks if self.settings.can_sample(t.policy_version, self.engine.loaded_version)]
         self.leases.hold(t for t in tasks if t.task_id in held)
         try:
             await self.work(tasks)
@@ -346,11 +354,11 @@ class Replica:
 
     async def work(self, tasks: list[pb.RolloutTask]) -> None:
         version = self.engine.loaded_version
-        wrong = [t.task_id for t in tasks if t.policy_version != version]
+        wrong = [t.task_id for t in tasks if not self.settings.can_sample(t.policy_version, version)]
         if wrong:
             # Sampling them would only earn a stale-version refusal.
             log.warning("tasks %s want a policy version other than %s; leaving them to expire", wrong, version)
-        tasks = [t for t in tasks if t.policy_version == version]
+        tasks = [t for t in tasks if self.settings.can_sample(t.policy_version, version)]
         key = id(tasks)
         self.sampling_clock.start(key)
         try:

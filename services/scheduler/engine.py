@@ -1,16 +1,19 @@
 """The scheduler's business rules, free of HTTP and gRPC: SchedulerEngine, the one object the APIs call.
 
-One step at a time (on-policy, like the reference): the engine plans step s
-(batch, per-question rollout counts, temperature, policy version), hands its
-tasks out under leases, collects the scored groups, gives the finished batch
-to the trainer, and on the trainer's report moves the temperature, adopts
-the new policy version, re-ranks at epoch boundaries and plans step s + 1.
+One step at a time by default (on-policy, like the reference): the engine
+plans step s (batch, per-question rollout counts, temperature, policy
+version), hands its tasks out under leases, collects the scored groups,
+gives the finished batch to the trainer, and on the trainer's report moves
+the temperature, adopts the new policy version, re-ranks at epoch
+boundaries and plans step s + 1. With training.max_async_level k >= 1 the
+steps up to s + k are planned ahead as their predecessors fill
+(services.scheduler.lookahead), so sampling overlaps training.
 Everything that must survive a restart lives in the store (the run state,
 services.scheduler.run_state); the engine can be rebuilt from it at any moment.
 
 Each job is one part, a class the engine is made of, in its own module:
 planning (Planning), a two-round step's second round (StepRounds),
-leasing (Leasing), taking in groups (GroupIntake), the trainer's side
+planning ahead of the trainer (Lookahead), leasing (Leasing), taking in groups (GroupIntake), the trainer's side
 (TrainerSide), the read views (ReadViews) and keeping the run state in line
 with the store (Reconciliation). This module builds the
 engine and recovers it from the store.
@@ -34,6 +37,7 @@ from services.scheduler.messages import (  # noqa: F401 - re-exported: the engin
 from services.scheduler import validation
 from services.scheduler.group_intake import GroupIntake
 from services.scheduler.leasing import MAX_LEASE_WAITERS, Leasing
+from services.scheduler.lookahead import Lookahead
 from services.scheduler.planning import Planning
 from services.scheduler.prompt_limits import context_length
 from services.scheduler.reconcile import Reconciliation
@@ -45,7 +49,7 @@ from services.scheduler.views import ReadViews
 from services.scheduler.work_signal import WorkSignal
 
 
-class SchedulerEngine(Planning, StepRounds, Leasing, GroupIntake, TrainerSide, ReadViews, Reconciliation):
+class SchedulerEngine(Planning, StepRounds, Lookahead, Leasing, GroupIntake, TrainerSide, ReadViews, Reconciliation):
     """Plans steps and tracks their progress; thread-safe."""
 
     def __init__(
@@ -122,3 +126,4 @@ class SchedulerEngine(Planning, StepRounds, Leasing, GroupIntake, TrainerSide, R
         self._commit(RunState.from_dict(self.state.to_dict()))
         # A two-round step whose first round finished while no scheduler ran (or before one died).
         self._advance_round(self.state.step)
+        self._plan_ahead()  # max_async_level >= 1: the steps sampling may run ahead to

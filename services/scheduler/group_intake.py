@@ -10,20 +10,24 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from e3.config import E3Config
 from e3.failpoints import failpoint
 from e3.store.base import FailResult, Store, SubmitOutcome, TaskRecord
 from e3.tasks.question import Question
 from services.scheduler import stored_groups, validation
 from services.scheduler.failures import MAX_DETAIL_CHARS, REJECTED_REASON, TaskFailureReport
 from services.scheduler.messages import SchedulerError, Submission
+from services.scheduler.run_state import RunState
 from services.scheduler.submission import ModelLimits, PromptBook, Rejected, admit
 
 
 class GroupIntake:
     """Checks and stores submitted groups, and keeps each lease's sampling and scoring seconds."""
 
+    config: E3Config
     store: Store
     observer: object
+    state: RunState
     limits: ModelLimits
     prompts: PromptBook
     _lock: threading.RLock
@@ -33,6 +37,7 @@ class GroupIntake:
     _count_failure: Callable[[TaskFailureReport], FailResult]
     _check_live: Callable[[], None]
     _advance_round: Callable[..., bool]
+    _plan_ahead: Callable[[], list[int]]
 
     def submit(self, submission: Submission) -> tuple[SubmitOutcome, int, int]:
         self._check_live()
@@ -41,15 +46,18 @@ class GroupIntake:
             self._rejected("unknown_task")
             raise SchedulerError("not_found", f"task_id {submission.task_id!r} is unknown")
         try:
-            prompt = admit(task, submission, self.limits, self.prompts, validation.split_of(task.task_id) == "val")
+            newest = self.state.policy_version if self.config.training.max_async_level else None
+            prompt = admit(task, submission, self.limits, self.prompts, validation.split_of(task.task_id) == "val",
+                           newest)
         except Rejected as exc:
             self._rejected(exc.reason)
             if exc.counts:  # the lease holder's group is refused: the task goes back, or to the failed list
                 self._count_failure(TaskFailureReport(task.task_id, submission.lease_id, submission.replica_id,
                                                       REJECTED_REASON, f"{exc.reason}: {exc}"[:MAX_DETAIL_CHARS]))
             raise
+        # The version that sampled the group: the task's, or with sampling ahead of training a newer one.
         group = stored_groups.encode(task.task_id, task.question_id, self.question_of(task).level or 0,
-                                     task.temperature, task.policy_version, submission)
+                                     task.temperature, submission.policy_version, submission)
         rewards = [s.reward for s in submission.samples]
         # Validation rewards measure the policy; they must not move a question's difficulty.
         counted = [] if validation.split_of(task.task_id) else rewards
@@ -73,6 +81,7 @@ class GroupIntake:
         if result.step_done == result.step_total:
             with self._step_complete:
                 self._step_complete.notify_all()
+            self._plan_ahead()  # max_async_level >= 1: the next step need not wait for the trainer
         return result.outcome, result.step_done, result.step_total
 
     def _note_lease_seconds(self, step: int, submission: Submission) -> None:

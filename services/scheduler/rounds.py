@@ -68,7 +68,9 @@ class StepRounds:
         without reading the groups.
         """
         with self._lock:
-            if self.state.finished or step != self.state.step or self.rounds_settled(step):
+            # The step being trained, or one planned ahead of it (training.max_async_level).
+            if self.state.finished or str(step) not in self.state.allocations or step < self.state.step \
+                    or self.rounds_settled(step):
                 return False
             record = self.state.allocations[str(step)]
             first = record["rounds"][0]

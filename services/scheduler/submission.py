@@ -52,17 +52,19 @@ class ModelLimits:
 
 
 def admit(task: TaskRecord, submission: Submission, limits: ModelLimits, prompts: "PromptBook",
-          held_out: bool) -> tuple[str, bytes] | None:
+          held_out: bool, newest_version: int | None = None) -> tuple[str, bytes] | None:
     """Raise Rejected unless `submission` may complete `task`; the (question key, prompt digest) to learn once it is stored.
 
     A finished task (done or failed) passes unchecked: the store answers a
     duplicate and changes nothing, so a replica's retry stays harmless.
     `held_out` marks a validation question (its ids are apart from the training ones).
+    `newest_version`: sampling runs ahead of training (max_async_level >= 1), and a
+    group sampled by any policy from the task's version up to this one is accepted.
     """
     if task.status in (TaskStatus.DONE, TaskStatus.FAILED):
         return None
     check_lease(task, submission)
-    check_submission(task, submission, limits)
+    check_submission(task, submission, limits, newest_version)
     key = f"{'val' if held_out else 'train'}:{task.question_id}"
     return key, prompts.check(task, key, submission.samples[0].prompt_token_ids)
 
@@ -77,10 +79,17 @@ def check_lease(task: TaskRecord, submission: Submission) -> None:
                        counts=False)
 
 
-def check_submission(task: TaskRecord, submission: Submission, limits: ModelLimits | None = None) -> None:
+def check_submission(task: TaskRecord, submission: Submission, limits: ModelLimits | None = None,
+                     newest_version: int | None = None) -> None:
     """Raise Rejected, naming the task and the field, unless `submission` is a well-formed group for `task`."""
     where = f"task {task.task_id}"
-    if submission.policy_version != task.policy_version:
+    if newest_version is not None and task.policy_version <= submission.policy_version <= newest_version:
+        pass  # sampled ahead of training by the task's policy or a newer one (services.scheduler.lookahead)
+    elif newest_version is not None:
+        raise Rejected("stale_policy", "failed_precondition",
+                       f"{where} must be sampled with a policy version from {task.policy_version} to "
+                       f"{newest_version}, got {submission.policy_version}")
+    elif submission.policy_version != task.policy_version:
         raise Rejected("stale_policy", "failed_precondition",
                        f"{where} must be sampled with policy version {task.policy_version}, "
                        f"got {submission.policy_version}")

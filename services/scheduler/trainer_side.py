@@ -58,6 +58,7 @@ class TrainerSide:
     _commit: Callable[[RunState], None]
     rounds_settled: Callable[[int], bool]
     _advance_round: Callable[..., bool]
+    _plan_ahead: Callable[[], list[int]]
 
     def register_trainer(self, trainer_id: str, epoch: int = 0) -> int:
         """Epoch 0: give a starting trainer the next epoch, superseding the others. Else check `epoch` is current."""
@@ -188,8 +189,9 @@ class TrainerSide:
                 "entropy": report.entropy,
                 "loss": report.loss,
                 "skipped": report.skipped,
-                "temperature": self.temperature,
-                "next_temperature": new.step_temperature(self.config.temperature),
+                "temperature": (self.allocation(step) or {}).get("temperature", self.temperature),
+                "next_temperature": (new.allocations.get(str(step + 1)) or {}).get(
+                    "temperature", new.step_temperature(self.config.temperature)),
                 "target_entropy": new.temperature.target_entropy,
                 "policy_version": report.new_policy_version,
                 "weights_path": report.weights_path,
@@ -212,6 +214,8 @@ class TrainerSide:
                 self.store.save_ranks(ranks)
                 self._ranks = ranks
             new.step = next_step
+            # Planned already when sampling runs ahead of training (services.scheduler.lookahead).
+            planned_ahead = str(next_step) in self.state.allocations
             if next_step < self.config.training.steps:
                 self._plan(next_step, new)
             elif self.validation:  # the run ends with a validation-only step numbered training.steps
@@ -229,9 +233,10 @@ class TrainerSide:
                 log.warning("step %d adopted, but dropping its tasks failed: %s", step, exc)
             self._signal_work()
             if self.observer:
-                if str(next_step) in new.allocations:
+                if str(next_step) in new.allocations and not planned_ahead:
                     self.observer.on_plan(new.allocations[str(next_step)])
                 self.observer.on_report(entry, self)
+            self._plan_ahead()  # max_async_level >= 1: the step after it may now be planned too
             return self._ack()
 
     def _finish_validation(self, step: int, report: StepReport) -> dict:

@@ -155,7 +155,10 @@ class Trainer:
         t = self.config.training
         timings = {}
         started = time.perf_counter()
-        tensors = build_batch(batch["groups"], self.pad_id, overlong=t.overlong)
+        # Groups an older policy sampled (possible with max_async_level >= 1) get decoupled PPO's behaviour
+        # weight; in lock-step every group is the trained policy's own, and the loss is unchanged.
+        tensors = build_batch(batch["groups"], self.pad_id, overlong=t.overlong,
+                              trained_version=self.progress.policy_version if t.max_async_level else None)
         if step in self.config.fault.nan_steps:
             log.warning("step %d: fault injection (fault.nan_steps): advantages set to NaN", step)
             tensors.advantages.fill_(float("nan"))
@@ -164,7 +167,7 @@ class Trainer:
             mini_batches=t.mini_batches, micro_batch=t.micro_batch, clip_low=t.clip_low, clip_high=t.clip_high,
             kl_coef=t.kl_coef, grad_clip=t.grad_clip, generator=self.generator, ref_model=self.ref_model,
             max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, logit_chunk_tokens=t.logit_chunk_tokens,
-            topology=self.topology,
+            topology=self.topology, behaviour_weight_cap=t.behaviour_weight_cap,
         )
         timings["train"] = time.perf_counter() - started
         if result.skipped:
@@ -227,6 +230,10 @@ class Trainer:
             # updated (self.progress still holds it here): 0 for every group while rollouts are on-policy.
             "staleness": dict(Counter(str(self.progress.policy_version - g["policy_version"]) for g in batch["groups"])),
             "approx_kl": _finite_or_none(result.approx_kl),
+            # Off-policy correction (max_async_level >= 1): the share of loss tokens an older policy
+            # sampled, and their mean truncated behaviour weight (None when there were none).
+            "stale_token_share": result.stale_tokens / max(tensors.num_response_tokens, 1),
+            "behaviour_weight_mean": _finite_or_none(result.behaviour_weight_mean),
         }
         return report, record
 

@@ -43,6 +43,9 @@ class TrainerMetrics:
         self.staleness = Histogram(m.TRAINER_GROUP_STALENESS,
                                    "Policy versions between a trained group's sampling policy and the policy it "
                                    "updated (0: on-policy)", registry=r, buckets=(0, 1, 2, 3, 4, 8))
+        self.stale_share = Gauge(m.TRAINER_STALE_TOKEN_SHARE,
+                                 "Share of the last step's loss tokens sampled by an older policy (they carry "
+                                 "decoupled PPO's truncated behaviour weight); 0 in lock-step", registry=r)
         self._levels: set[str] = set()
         # Until the first step is recorded there is no value, and 0 would be read as one (a loss, a reward
         # of 0): NaN is Prometheus' "no value", drawn as a gap.
@@ -68,6 +71,7 @@ class TrainerMetrics:
                 self.sampler_diff.labels(stat).set(record[f"sampler_logprob_diff_{stat}"])
         if _finite(record.get("sampler_logprob_diff_max")):
             self.sampler_ratio.set(math.exp(record["sampler_logprob_diff_max"]))
+        self.stale_share.set(record.get("stale_token_share", 0.0))
         for lag, count in (record.get("staleness") or {}).items():
             for _ in range(count):
                 self.staleness.observe(int(lag))
