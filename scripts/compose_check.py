@@ -11,7 +11,11 @@
    (scripts/deploy_facts.py): every e3 service's command goes through its own
    argparse, its environment through e3.config, and its ports, health
    checks, Prometheus targets, dialled addresses and shared volumes must
-   match what the service listens on, dials and opens. The paths (the base
+   match what the service listens on, dials and opens. Prometheus must load
+   the repository's rules and scrape every service, and send its alerts to
+   the one Alertmanager, whose config (deploy/alertmanager/) routes only to
+   receivers it defines and passes `amtool check-config` where amtool is
+   installed. The paths (the base
    model, the data files, the run directory) are checked for every preset
    E3_PRESET may select, with the base-model step among the services that
    must see the model at the same place. The Dockerfile's
@@ -180,6 +184,7 @@ def drift_problems(model: dict, variant: str) -> list[str]:
     out += _preset_problems(services, stages, resolved, variant)
     out += _gpu_problems(services, resolved, variant) + _launch_problems(services, resolved, variant)
     out += _prometheus_problems(services, resolved, variant)
+    out += _alertmanager_problems(services, variant)
     out += _grafana_problems(services, variant)
     return out
 
@@ -452,6 +457,61 @@ def _prometheus_problems(services: dict, resolved: dict, variant: str) -> list[s
     return out
 
 
+def amtool() -> str | None:
+    """Alertmanager's own config checker, on PATH or where fetch_deploy_tools.sh put it."""
+    local = Path(sys.prefix) / "e3-tools" / "amtool"
+    return shutil.which("amtool") or (str(local) if local.is_file() else None)
+
+
+def alertmanager_config_problems(path: Path, where: str) -> list[str]:
+    """An Alertmanager config: every route names a defined receiver, and amtool (where installed) accepts it."""
+    config = yaml.safe_load(path.read_text()) or {}
+    receivers = {r.get("name") for r in config.get("receivers") or []}
+    out = []
+    pending = [config.get("route") or {}]
+    if not config.get("route"):
+        out.append(f"{where}: {path.name} has no route")
+    while pending:
+        route = pending.pop()
+        if "receiver" in route and route["receiver"] not in receivers:
+            out.append(f"{where}: {path.name} routes to receiver {route['receiver']!r}, which it does not define")
+        pending += route.get("routes") or []
+    tool = amtool()
+    if tool:
+        done = subprocess.run([tool, "check-config", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            out.append(f"{where}: amtool check-config {path.name}: {(done.stdout + done.stderr).strip()[-500:]}")
+    return out
+
+
+def _alertmanager_problems(services: dict, variant: str) -> list[str]:
+    """One Alertmanager, its config from the repository and valid, and Prometheus sending it the alerts."""
+    where = f"compose[{variant}] alertmanager"
+    found = {n: s for n, s in services.items() if str(s.get("image", "")).startswith("prom/alertmanager")}
+    if len(found) != 1:
+        return [f"compose[{variant}]: expected one prom/alertmanager service, found {len(found)}"]
+    (name, alertmanager), = found.items()
+    flags = dict(arg.split("=", 1) for arg in alertmanager.get("command") or [] if "=" in arg)
+    config_path = _mounted_file(alertmanager, flags.get("--config.file", "/etc/alertmanager/alertmanager.yml"))
+    if config_path is None or not config_path.is_file():
+        return [f"{where}: its config file is not mounted from the repository"]
+    out = alertmanager_config_problems(config_path, where)
+    port = int(flags.get("--web.listen-address", ":9093").rpartition(":")[2])
+    prometheus = next((s for s in services.values() if str(s.get("image", "")).startswith("prom/prometheus")), {})
+    prometheus_flags = dict(arg.split("=", 1) for arg in prometheus.get("command") or [] if "=" in arg)
+    prometheus_config = _mounted_file(prometheus, prometheus_flags.get("--config.file", "/etc/prometheus/prometheus.yml"))
+    if prometheus_config is None or not prometheus_config.is_file():
+        return out  # reported by _prometheus_problems
+    targets = {t for am in (yaml.safe_load(prometheus_config.read_text()).get("alerting") or {}).get("alertmanagers") or []
+               for c in am.get("static_configs") or [] for t in c.get("targets") or []}
+    if f"{name}:{port}" not in targets:
+        out.append(f"compose[{variant}] prometheus: sends alerts to {sorted(targets)}, not the {name} service "
+                   f"({name}:{port})")
+    if not set(prometheus.get("networks") or {}) & set(alertmanager.get("networks") or {}):
+        out.append(f"{where}: shares no network with prometheus")
+    return out
+
+
 def _grafana_problems(services: dict, variant: str) -> list[str]:
     where = f"compose[{variant}] grafana"
     grafana = next((s for s in services.values() if str(s.get("image", "")).startswith("grafana/grafana")), None)
@@ -532,6 +592,8 @@ def check() -> tuple[list[str], list[str]]:
             except facts.DriftError as exc:
                 problems.append(str(exc))
     notes.append(f"GPU assignments: {', '.join(generated)} (scripts/compose_gpus.py)")
+    notes.append(f"Alertmanager config: {'amtool check-config and ' if amtool() else ''}receivers checked"
+                 f"{'' if amtool() else ' (amtool not installed)'}")
     return problems, notes
 
 

@@ -10,8 +10,11 @@
 #                   starts on a free port to scrape a short run; both from
 #                   Debian's `prometheus` package (apt-get download: nothing is
 #                   installed and no daemon starts).
+#   amtool          Alertmanager's config checker, which `make compose-check`
+#                   runs on deploy/alertmanager/alertmanager.yml; from Debian's
+#                   `prometheus-alertmanager` package, the same way.
 # Idempotent. A tool already on PATH (`docker compose`, `promtool`, `prometheus`)
-# is used as is. The Prometheus pair is optional (scripts/promql_checks.py does
+# is used as is. The Prometheus tools are optional (scripts/promql_checks.py does
 # the static checks in Python; the tests that need a binary skip and say so);
 # Compose is not: without it `make compose-check` fails and says why.
 set -euo pipefail
@@ -55,6 +58,19 @@ if (( ${#missing[@]} )); then
     else
         echo "e3: ${missing[*]} unavailable (apt-get download prometheus failed); rules are checked in Python only" \
              "and the live dashboard test skips" >&2
+    fi
+    rm -rf "$deb_dir"
+fi
+
+if ! command -v amtool >/dev/null 2>&1 && [[ ! -x "$tools/amtool" ]]; then
+    deb_dir="$(mktemp -d)"
+    if (cd "$deb_dir" && apt-get download prometheus-alertmanager >/dev/null 2>&1); then
+        dpkg-deb -x "$deb_dir"/prometheus-alertmanager_*.deb "$deb_dir/x"
+        install -m 0755 "$deb_dir/x/usr/bin/amtool" "$tools/amtool"
+        echo "e3: $("$tools/amtool" --version 2>&1 | head -1) in $tools" >&2
+    else
+        echo "e3: amtool unavailable (apt-get download prometheus-alertmanager failed); the Alertmanager config" \
+             "is checked in Python only" >&2
     fi
     rm -rf "$deb_dir"
 fi

@@ -10,9 +10,10 @@
    stand-in secrets (the real secrets.env is the operator's).
 2. Every built-in object is validated against the Kubernetes schemas of
    K8S_VERSION (the kubernetes-validate package, strict: unknown fields fail),
-   the prometheus-operator kinds (ServiceMonitor, PrometheusRule) against e3's
-   own schema of the monitoring.coreos.com/v1 fields it writes
-   (scripts/k8s_crds.py, as strict).
+   the custom kinds (prometheus-operator's ServiceMonitor and PrometheusRule,
+   the trainer's JobSet) against e3's own schemas of the fields it writes
+   (scripts/k8s_crds.py, as strict), and a JobSet's Job templates against
+   Kubernetes' Job schema.
 3. The rendered objects are compared with the code (scripts/deploy_facts.py):
    commands through each service's argparse, environment through e3.config,
    container ports, probes, Services, ServiceMonitors, shared volumes, the
@@ -27,7 +28,8 @@
 4. What a cluster needs beyond schemas (scripts/k8s_hygiene.py): requests and
    limits on every container, registry-qualified images, the PriorityClasses,
    vLLM's cache on a volume claim, Redis' maxmemory and noeviction, the
-   `release` label kube-prometheus-stack selects by.
+   `release` label kube-prometheus-stack selects by, every GPU the overlay
+   may take within the documented cluster's.
 5. Each overlay is also rendered with each component of deploy/k8s/components
    (COMPONENTS) and checked again.
 """
@@ -64,7 +66,8 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.33"
 OVERLAYS = ("gpu", "cpu", "gpu-multinode")
 COMPONENTS = {"nodelocal-dns": "gpu"}  # each checked on this overlay
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+             ("jobset.x-k8s.io/v1alpha2", "JobSet")}
 PROMETHEUS_RULE = K8S_DIR / "base" / "monitoring" / "prometheusrule.yaml"
 ADAPTER_VALUES = K8S_DIR / "addons" / "prometheus-adapter-values.yaml"
 # Where Prometheus runs, as the NetworkPolicies expect it (prometheus-operator's defaults).
@@ -90,15 +93,22 @@ def schema_problems(docs: list[dict], overlay: str) -> list[str]:
         if (doc.get("apiVersion"), doc.get("kind")) in CRD_KINDS:
             found = k8s_crds.crd_problems(doc, f"overlay {overlay}: {_id(doc)}")
             out += found if found is not None else [f"overlay {overlay}: {_id(doc)}: no CRD schema for it"]
+            for path, embedded in k8s_crds.embedded_objects(doc):
+                out += _built_in_problems(embedded, f"overlay {overlay}: {_id(doc)}: {path}")
             continue
-        try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.path)
-            out.append(f"overlay {overlay}: {_id(doc)}: {path}: {exc.message} (Kubernetes {K8S_VERSION} schema)")
-        except kubernetes_validate.SchemaNotFoundError as exc:
-            out.append(f"overlay {overlay}: {_id(doc)}: {exc.message}")
+        out += _built_in_problems(doc, f"overlay {overlay}: {_id(doc)}")
     return out
+
+
+def _built_in_problems(doc: dict, where: str) -> list[str]:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        return [f"{where}: {path}: {exc.message} (Kubernetes {K8S_VERSION} schema)"]
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [f"{where}: {exc.message}"]
+    return []
 
 
 # ---------------------------------------------------------------- drift checks
@@ -120,6 +130,7 @@ def drift_problems(docs: list[dict], overlay: str) -> list[str]:
     out += _dashboard_and_rule_problems(r) + secret_problems(r)
     out += hygiene.resource_problems(r) + hygiene.image_problems(r) + hygiene.priority_problems(r)
     out += hygiene.cache_problems(r) + hygiene.redis_problems(r) + hygiene.monitoring_label_problems(r)
+    out += hygiene.gpu_budget_problems(r)
     return out
 
 
@@ -133,13 +144,13 @@ def _container_problems(r: Rendered, workload: dict, container: dict, c, res) ->
     for kind, want in (("readinessProbe", facts_of.ready_path), ("livenessProbe", facts_of.live_path)):
         probe = container.get(kind)
         if probe is None:
-            if kind == "livenessProbe" or workload["kind"] != "Job":
+            if kind == "livenessProbe" or r.job_spec(workload) is None:
                 out.append(f"{where}: no {kind}")
             continue
         port, path = _probe_target(container, probe)
         if port not in listening or path != want:
             out.append(f"{where}: {kind} GET {path} on {port}; the service answers that on {want}")
-        if c.service == "trainer" and (workload["spec"].get("parallelism") or 1) > 1 and "--index-0-only" not in \
+        if c.service == "trainer" and ((r.job_spec(workload) or {}).get("parallelism") or 1) > 1 and "--index-0-only" not in \
                 ((probe.get("exec") or {}).get("command") or []):
             out.append(f"{where}: {kind} would fail on pods other than index 0, where no rank serves HTTP "
                        "(use exec e3-healthcheck --index-0-only)")
@@ -169,12 +180,15 @@ def _probe_target(container: dict, probe: dict) -> tuple[int | None, str | None]
 
 
 def _launch_problems(r: Rendered, workload: dict, container: dict, c, res, gpus: int | None) -> list[str]:
-    """torchrun's arguments against the pod's GPUs and the Job's pods, and the rendezvous at pod 0."""
-    spec = workload["spec"]
+    """torchrun's arguments against the pod's GPUs and the Job's pods, the rendezvous at pod 0, and gang
+    restarts: the trainer is a JobSet of one Indexed Job, any failed pod of which restarts every pod."""
+    out = _gang_problems(workload, c.where)
+    if out:
+        return out
+    spec = r.job_spec(workload)
     nodes = spec.get("completions") or 1
-    out = []
-    if workload["kind"] != "Job" or spec.get("completionMode") != "Indexed" or spec.get("parallelism", 1) != nodes:
-        out.append(f"{c.where}: the trainer must be an Indexed Job with completions = parallelism (one pod a node)")
+    if spec.get("completionMode") != "Indexed" or spec.get("parallelism", 1) != nodes:
+        out.append(f"{c.where}: the trainer's Job must be Indexed with completions = parallelism (one pod a node)")
     env = r.env_of(container, c.where)
     command = [_expand(part, env) for part in (container.get("command") or []) + (container.get("args") or [])]
     out += facts.launch_problems(c.where, command, gpus, nodes, res.config.trainer.device)
@@ -185,8 +199,13 @@ def _launch_problems(r: Rendered, workload: dict, container: dict, c, res, gpus:
     if args is None or not args.rdzv_endpoint:
         return out
     host, _, port = args.rdzv_endpoint.rpartition(":")
-    name, subdomain = workload["metadata"]["name"], Rendered.pod_spec(workload).get("subdomain")
-    service = r.kind("Service").get(subdomain or "")
+    network = workload["spec"].get("network") or {}
+    # JobSet names its first Job <jobset>-<replicated job>-0 and that Job's pods <job>-<completion index>.
+    name = f"{workload['metadata']['name']}-{workload['spec']['replicatedJobs'][0]['name']}-0"
+    subdomain = network.get("subdomain") or workload["metadata"]["name"]
+    service = r.kind("Service").get(subdomain)
+    if network.get("enableDNSHostnames") is not True:
+        out.append(f"{c.where}: the JobSet must set network.enableDNSHostnames: true (torchrun finds pod 0 by name)")
     if host != f"{name}-0.{subdomain}" or service is None:
         out.append(f"{c.where}: --rdzv-endpoint {args.rdzv_endpoint} is not pod 0 ({name}-0.<subdomain>) "
                    "behind the pods' headless Service")
@@ -203,6 +222,31 @@ def _launch_problems(r: Rendered, workload: dict, container: dict, c, res, gpus:
     if nodes > 1 and args.local_addr != f"{name}-{index}.{subdomain}":
         out.append(f"{c.where}: --local-addr {args.local_addr} must be {name}-<completion index>.{subdomain}, "
                    "so that pod 0 sorts first in the rendezvous and holds rank 0")
+    return out
+
+
+def _gang_problems(workload: dict, where: str) -> list[str]:
+    """The trainer's ranks fail and restart together: a JobSet with one replicated Job (one replica), whose
+    pods never restart alone (restartPolicy Never) and whose first failed pod fails it (backoffLimit 0),
+    and a failure policy that restarts the whole set (maxRestarts > 0, no rule that restarts one Job)."""
+    if workload["kind"] != "JobSet":
+        return [f"{where}: the trainer must be a JobSet (jobset.x-k8s.io/v1alpha2), not a {workload['kind']}: "
+                "a rank that restarts alone leaves the others waiting in a collective"]
+    out = []
+    replicated = workload["spec"].get("replicatedJobs") or []
+    if len(replicated) != 1 or replicated[0].get("replicas", 1) != 1:
+        out.append(f"{where}: the trainer's JobSet must have one replicated Job with one replica (its pods are the nodes)")
+        return out
+    job = replicated[0]["template"]["spec"]
+    if job["template"]["spec"].get("restartPolicy") != "Never" or job.get("backoffLimit") != 0:
+        out.append(f"{where}: a failed rank must fail its Job at once (restartPolicy: Never, backoffLimit: 0), "
+                   "so that the JobSet restarts every rank, not that one")
+    policy = workload["spec"].get("failurePolicy") or {}
+    if not policy.get("maxRestarts"):
+        out.append(f"{where}: the JobSet needs failurePolicy.maxRestarts > 0, or the first failed rank ends the run")
+    for rule in policy.get("rules") or []:
+        if rule.get("action") in ("RestartJob", "RestartJobAndIgnoreMaxRestarts"):
+            out.append(f"{where}: failurePolicy rule {rule.get('name')} restarts one Job, not the gang")
     return out
 
 
@@ -399,7 +443,7 @@ def _monitor_problems(r: Rendered) -> list[str]:
 
 def _autoscaler_problems(r: Rendered) -> list[str]:
     out = []
-    exported = metric_facts.exported()
+    exported, recorded, known = metric_facts.exported(), promql_checks.recorded_series(), promql_checks.known_series()
     adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
     served = {rule["name"]["as"]: rule for rule in adapter["rules"]["external"]}
     for hpa in r.kind("HorizontalPodAutoscaler").values():
@@ -409,15 +453,17 @@ def _autoscaler_problems(r: Rendered) -> list[str]:
             out.append(f"{where}: scales {ref['kind']}/{ref['name']}, which does not exist")
         for metric in hpa["spec"].get("metrics") or []:
             name = (metric.get("external") or {}).get("metric", {}).get("name")
-            if metric["type"] != "External" or name not in exported or exported[name].type != "gauge":
-                out.append(f"{where}: scales on {name!r}, which is not a gauge e3 exports")
-            elif name not in served:
-                out.append(f"{where}: Prometheus Adapter ({ADAPTER_VALUES.name}) does not serve {name}")
-            else:
-                rule = served[name]
-                query = rule["metricsQuery"].replace("<<.Series>>", name).replace("{<<.LabelMatchers>>}", '{namespace="e3"}')
-                for where_q, expr in (("seriesQuery", rule["seriesQuery"]), ("metricsQuery", query)):
-                    out += promql_checks.reference_problems(expr, metric_facts.series(), f"{ADAPTER_VALUES.name} {where_q}")
+            if metric["type"] != "External" or name not in served:
+                out.append(f"{where}: scales on {name!r}, which Prometheus Adapter ({ADAPTER_VALUES.name}) does not serve")
+                continue
+            rule = served[name]
+            source = promql_checks.selectors(rule["seriesQuery"])[0].metric
+            if source not in recorded and not (source in exported and exported[source].type == "gauge"):
+                out.append(f"{where}: {ADAPTER_VALUES.name} serves {name} from {source}, which is neither a gauge "
+                           "e3 exports nor a series deploy/prometheus/rules records")
+            query = rule["metricsQuery"].replace("<<.Series>>", source).replace("{<<.LabelMatchers>>}", '{namespace="e3"}')
+            for where_q, expr in (("seriesQuery", rule["seriesQuery"]), ("metricsQuery", query)):
+                out += promql_checks.reference_problems(expr, known, f"{ADAPTER_VALUES.name} {where_q}")
     for budget in r.kind("PodDisruptionBudget").values():
         if not r.pods_selected(budget["spec"]["selector"]):
             out.append(f"overlay {r.overlay}: {_id(budget)} selects no pods")

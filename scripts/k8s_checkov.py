@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 import k8s_check
+import k8s_crds
 
 ACCEPTED = k8s_check.K8S_DIR / "checkov-accepted.txt"
 DEFAULT_CHECKOV = k8s_check.ROOT / ".venv" / "e3-tools" / "checkov" / "bin" / "checkov"
@@ -100,7 +101,9 @@ def scan(checkov: str, docs_by_overlay: dict[str, list[dict]]) -> list[Finding]:
         files = {}
         for overlay, docs in docs_by_overlay.items():
             name = overlay.replace("+", "_") + ".yaml"
-            (Path(scratch) / name).write_text(yaml.safe_dump_all(docs))
+            # checkov knows built-in kinds only: a JobSet is scanned as the Jobs it makes (Job/<jobset>-<job>-0).
+            embedded = [job for doc in docs for _, job in k8s_crds.embedded_objects(doc)]
+            (Path(scratch) / name).write_text(yaml.safe_dump_all(docs + embedded))
             files[name] = overlay
         done = subprocess.run([checkov, "-d", scratch, "--framework", "kubernetes", "--quiet", "--compact",
                                "--skip-download", "-o", "json"], capture_output=True, text=True)

@@ -1,13 +1,16 @@
-"""The prometheus-operator objects (ServiceMonitor, PrometheusRule) against a schema of the fields e3 writes.
+"""The custom objects e3 ships (ServiceMonitor, PrometheusRule, JobSet) against schemas of the fields e3 writes.
 
-kubernetes-validate knows only built-in kinds. The schema below is e3's own
-statement of the part of the monitoring.coreos.com/v1 API its objects use,
-written from the operator's API reference (not a copy of its CRDs): the
-fields, their types and formats. Validation is strict, as
-`kubectl apply --validate=strict` is against the real CRD: a field not
-declared here is an error (a typo the API server would silently prune, or a
-field e3 starts to use without saying so here), and the rule groups, a
-list keyed by name, must not repeat a name.
+kubernetes-validate knows only built-in kinds. The schemas below are e3's
+own statement of the part of each API its objects use: prometheus-operator's
+monitoring.coreos.com/v1, written from the operator's API reference, and the
+JobSet controller's jobset.x-k8s.io/v1alpha2, written from the JobSet API
+reference (neither is a copy of the project's CRDs): the fields, their types,
+formats and allowed values. Validation is strict, as `kubectl apply
+--validate=strict` is against the real CRD: a field not declared here is an
+error (a typo the API server would silently prune, or a field e3 starts to
+use without saying so here), and lists keyed by name (rule groups, replicated
+Jobs) must not repeat a name. A JobSet's Job templates are built-in
+batch/v1 Jobs: `embedded_objects` hands them to kubernetes-validate.
 """
 
 from __future__ import annotations
@@ -31,6 +34,41 @@ ENDPOINT = {"type": "object", "properties": {
 RULE = {"type": "object", "required": ["expr"], "properties": {
     "record": {"type": "string"}, "alert": {"type": "string"}, "expr": {"type": "string"}, "for": DURATION,
     "keep_firing_for": DURATION, "labels": STRINGS, "annotations": STRINGS}}
+NAME = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}  # a DNS label
+NAMES = {"type": "array", "items": {"type": "string"}}
+# jobset.x-k8s.io/v1alpha2. A replicated Job's `template` is a batch/v1 JobTemplateSpec, validated by
+# kubernetes-validate (embedded_objects) rather than declared again here.
+JOBSET_SPEC = {"type": "object", "required": ["replicatedJobs"], "properties": {
+    "replicatedJobs": {"type": "array", "minItems": 1, "x-kubernetes-list-type": "map",
+                       "x-kubernetes-list-map-keys": ["name"], "items": {
+                           "type": "object", "required": ["name", "template"], "properties": {
+                               "name": NAME, "groupName": {"type": "string"},
+                               "replicas": {"type": "integer", "minimum": 0},
+                               "template": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                               "dependsOn": {"type": "array", "maxItems": 5, "items": {
+                                   "type": "object", "required": ["name", "status"], "properties": {
+                                       "name": {"type": "string"},
+                                       "status": {"type": "string", "enum": ["Ready", "Complete"]}}}}}}},
+    "network": {"type": "object", "properties": {
+        "enableDNSHostnames": {"type": "boolean"}, "subdomain": NAME, "publishNotReadyAddresses": {"type": "boolean"}}},
+    "successPolicy": {"type": "object", "required": ["operator"], "properties": {
+        "operator": {"type": "string", "enum": ["All", "Any"]}, "targetReplicatedJobs": NAMES}},
+    "failurePolicy": {"type": "object", "properties": {
+        "maxRestarts": {"type": "integer", "minimum": 0},
+        "restartStrategy": {"type": "string", "enum": ["Recreate", "BlockingRecreate", "InPlaceRestart"]},
+        "rules": {"type": "array", "items": {"type": "object", "required": ["name", "action"], "properties": {
+            "name": {"type": "string", "pattern": r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"},
+            "action": {"type": "string", "enum": ["FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts",
+                                                  "RestartJob", "RestartJobAndIgnoreMaxRestarts"]},
+            "onJobFailureReasons": NAMES, "onJobFailureMessagePatterns": NAMES, "targetReplicatedJobs": NAMES}}}}},
+    "startupPolicy": {"type": "object", "required": ["startupPolicyOrder"], "properties": {
+        "startupPolicyOrder": {"type": "string", "enum": ["AnyOrder", "InOrder"]}}},
+    "suspend": {"type": "boolean"},
+    "coordinator": {"type": "object", "required": ["replicatedJob"], "properties": {
+        "replicatedJob": {"type": "string"}, "jobIndex": {"type": "integer", "minimum": 0},
+        "podIndex": {"type": "integer", "minimum": 0}}},
+    "managedBy": {"type": "string", "maxLength": 63},
+    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0}}}
 SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
         "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
@@ -48,6 +86,9 @@ SCHEMAS = {
                            "items": {"type": "object", "required": ["name"], "properties": {
                                "name": {"type": "string", "minLength": 1}, "interval": DURATION,
                                "rules": {"type": "array", "items": RULE}}}}}}}},
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": METADATA, "spec": JOBSET_SPEC}},
 }
 
 
@@ -97,4 +138,21 @@ def crd_problems(doc: dict, where: str) -> list[str] | None:
     if validator is None:
         return None
     return [f"{where}: {'.'.join(map(str, error.absolute_path)) or '(top)'}: {error.message} "
-            f"(e3's monitoring.coreos.com/v1 schema, scripts/k8s_crds.py)" for error in validator.iter_errors(doc)]
+            f"(e3's {doc['apiVersion']} schema, scripts/k8s_crds.py)" for error in validator.iter_errors(doc)]
+
+
+def embedded_objects(doc: dict) -> list[tuple[str, dict]]:
+    """(path, object) for the built-in objects a custom object holds: a JobSet's Job templates, as the
+    batch/v1 Jobs the JobSet controller makes of them, for kubernetes-validate."""
+    if (doc.get("apiVersion"), doc.get("kind")) != ("jobset.x-k8s.io/v1alpha2", "JobSet"):
+        return []
+    out = []
+    for index, replicated in enumerate((doc.get("spec") or {}).get("replicatedJobs") or []):
+        template = replicated.get("template") or {}
+        name = f"{doc['metadata']['name']}-{replicated.get('name')}-0"
+        metadata = {**(template.get("metadata") or {}), "name": name}
+        if "namespace" in doc["metadata"]:
+            metadata["namespace"] = doc["metadata"]["namespace"]
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": template.get("spec") or {}}
+        out.append((f"spec.replicatedJobs.{index}.template", job))
+    return out

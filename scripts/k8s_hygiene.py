@@ -13,6 +13,10 @@
   maxmemory-policy noeviction (run state is never evicted).
 - monitoring: the PrometheusRule and ServiceMonitors carry the `release`
   label kube-prometheus-stack selects by, all the same.
+- GPU budget: in each GPU overlay the trainer's GPUs and those of the most
+  generation pods the autoscaler and a rolling update may make fit the GPUs
+  of the cluster docs/deploy.md documents for it (CLUSTER_GPUS), so the
+  trainer never stays Pending behind generation pods.
 `preflight_problems` is for an operator's render (real secrets, real
 registry): placeholder images and empty secrets are refused there.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import base64
 import re
 
-from k8s_render import Rendered, _mount_for, _volume_identity
+from k8s_render import WORKLOAD_KINDS, Rendered, _mount_for, _volume_identity
 
 PLACEHOLDER_REGISTRY = "REPLACE-ME.example.invalid"
 CONTROL = ("e3-redis", "e3-scheduler", "e3-reward")
@@ -157,12 +161,64 @@ def monitoring_label_problems(r: Rendered) -> list[str]:
     return []
 
 
+# The GPUs of the cluster each GPU overlay is written for, as docs/deploy.md ("GPU budget") states them.
+CLUSTER_GPUS = {"gpu": 8, "gpu-multinode": 8}
+GPU = "nvidia.com/gpu"
+
+
+def gpu_pods(r: Rendered) -> dict[str, tuple[int, int]]:
+    """workload name -> (GPUs a pod, the most pods at once) for every workload whose pods take GPUs:
+    a Deployment up to its autoscaler's maxReplicas plus the rolling update's surge, a Job or a
+    JobSet all its pods in parallel, a StatefulSet its replicas."""
+    out = {}
+    scalers = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["maxReplicas"]
+               for h in r.kind("HorizontalPodAutoscaler").values()}
+    for workload in r.workloads:
+        spec, name = workload["spec"], workload["metadata"]["name"]
+        per_pod = sum(int(((c.get("resources") or {}).get("limits") or {}).get(GPU, 0))
+                      for c in r.pod_spec(workload)["containers"])
+        if not per_pod:
+            continue
+        if workload["kind"] == "JobSet":
+            pods = sum(j.get("replicas", 1) * (j["template"]["spec"].get("parallelism") or 1)
+                       for j in spec["replicatedJobs"])
+        elif workload["kind"] == "Job":
+            pods = spec.get("parallelism") or 1
+        else:
+            pods = max(spec.get("replicas", 1), scalers.get(name, 0))
+            surge = ((spec.get("strategy") or {}).get("rollingUpdate") or {}).get("maxSurge", "25%")
+            if workload["kind"] == "Deployment":
+                pods += int(surge) if not str(surge).endswith("%") else -(-pods * int(str(surge)[:-1]) // 100)
+        out[name] = (per_pod, pods)
+    return out
+
+
+def gpu_budget_problems(r: Rendered) -> list[str]:
+    used = gpu_pods(r)
+    if not used:
+        return []
+    overlay = r.overlay.split("+")[0]
+    detail = ", ".join(f"{name} {pods} x {per_pod}" for name, (per_pod, pods) in sorted(used.items()))
+    total = sum(per_pod * pods for per_pod, pods in used.values())
+    if overlay not in CLUSTER_GPUS:
+        return [f"overlay {r.overlay}: takes up to {total} GPUs ({detail}) but documents no cluster GPU count "
+                "(CLUSTER_GPUS, docs/deploy.md \"GPU budget\")"]
+    if total > CLUSTER_GPUS[overlay]:
+        return [f"overlay {r.overlay}: takes up to {total} GPUs ({detail}), more than the {CLUSTER_GPUS[overlay]} of "
+                "the documented cluster: the trainer could stay Pending behind generation pods; lower the "
+                "autoscaler's maxReplicas"]
+    return []
+
+
 def preflight_problems(docs: list[dict]) -> list[str]:
     """An operator's render before `kubectl apply`: no placeholder image, no empty secret."""
     out = []
     for doc in docs:
         spec = doc.get("spec") or {}
-        pod = spec.get("template", {}).get("spec") if "template" in spec else (spec if doc.get("kind") == "Pod" else None)
+        if doc.get("kind") in WORKLOAD_KINDS:
+            pod = Rendered.pod_spec(doc)
+        else:
+            pod = spec.get("template", {}).get("spec") if "template" in spec else (spec if doc.get("kind") == "Pod" else None)
         for container in ((pod or {}).get("initContainers") or []) + ((pod or {}).get("containers") or []):
             if registry_of(container.get("image", "")) == PLACEHOLDER_REGISTRY:
                 out.append(f"{doc['kind']}/{doc['metadata']['name']} container {container['name']}: image "

@@ -29,8 +29,12 @@ from k8s_netpol import selects
 ROOT = Path(__file__).resolve().parent.parent
 STAND_IN_SECRETS = {"E3_GENERATION_TOKEN": "k8s-check-generation", "E3_TRAINER_TOKEN": "k8s-check-trainer",
                     "E3_OPERATOR_TOKEN": "k8s-check-operator", "REDIS_PASSWORD": "k8s-check-redis"}
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "JobSet")
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+# Labels the JobSet controller puts on the pods of its child Jobs (jobset.x-k8s.io/v1alpha2).
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 
 
 def kustomize_command() -> list[str] | None:
@@ -79,16 +83,35 @@ class Rendered:
         return f"overlay {self.overlay}: {_id(doc)}" + (f" container {container['name']}" if container else "")
 
     @staticmethod
+    def job_spec(workload: dict) -> dict | None:
+        """The Job spec of a Job, or of a JobSet's first replicated Job (e3's JobSets have one); else None."""
+        if workload["kind"] == "Job":
+            return workload["spec"]
+        if workload["kind"] == "JobSet":
+            return workload["spec"]["replicatedJobs"][0]["template"]["spec"]
+        return None
+
+    @staticmethod
+    def pod_template(workload: dict) -> dict:
+        job = Rendered.job_spec(workload)
+        return (job if job is not None else workload["spec"])["template"]
+
+    @staticmethod
     def pod_spec(workload: dict) -> dict:
-        return workload["spec"]["template"]["spec"]
+        return Rendered.pod_template(workload)["spec"]
 
     @staticmethod
     def pod_labels(workload: dict) -> dict:
         """The labels of the workload's pods; for an Indexed Job, those of pod 0, with the index
-        label the Job controller adds (Kubernetes 1.28+)."""
-        labels = dict(workload["spec"]["template"]["metadata"].get("labels") or {})
-        if workload["kind"] == "Job" and workload["spec"].get("completionMode") == "Indexed":
+        label the Job controller adds (Kubernetes 1.28+); for a JobSet, those of pod 0 of its
+        first Job, with the JobSet controller's labels too."""
+        labels = dict(Rendered.pod_template(workload)["metadata"].get("labels") or {})
+        job = Rendered.job_spec(workload)
+        if job is not None and job.get("completionMode") == "Indexed":
             labels[INDEX_LABEL] = "0"
+        if workload["kind"] == "JobSet":
+            labels |= {JOBSET_NAME_LABEL: workload["metadata"]["name"],
+                       REPLICATED_JOB_LABEL: workload["spec"]["replicatedJobs"][0]["name"], JOB_INDEX_LABEL: "0"}
         return labels
 
     def env_of(self, container: dict, where: str) -> dict[str, str]:

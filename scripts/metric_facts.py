@@ -33,6 +33,14 @@ BUILTIN_SERIES = {"up": frozenset(TARGET_LABELS), "scrape_duration_seconds": fro
 # (installed by the GPU Operator on GPU nodes), with the labels it puts on every GPU's series.
 EXTERNAL_SERIES = {name: frozenset({"gpu", "UUID", "Hostname", "modelName", "device"}) | TARGET_LABELS
                    for name in ("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE")}
+# vLLM's own engine series that the dashboards read, as a replica's /metrics re-exports them
+# (services.generation.metrics.VllmSeries: vLLM's labels model_name and engine, plus replica).
+# vLLM names them in vllm/v1/metrics/loggers.py; tests/deploy/test_metrics.py checks the installed
+# vLLM still registers each.
+VLLM_GAUGES = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
+VLLM_COUNTERS = ("vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+VLLM_SERIES = {name: frozenset({"model_name", "engine", "replica"}) | TARGET_LABELS
+               for name in (*VLLM_GAUGES, *(f"{c}{suffix}" for c in VLLM_COUNTERS for suffix in ("_total", "_created")))}
 RESERVED_LABELS = frozenset({"le", "quantile"}) | TARGET_LABELS
 # Units Prometheus asks to be given in base units (seconds, bytes, ratios).
 NON_BASE_UNITS = ("milliseconds", "ms", "microseconds", "us", "minutes", "hours", "days",
@@ -134,8 +142,8 @@ def exported() -> dict[str, Metric]:
 
 
 def series() -> dict[str, frozenset[str]]:
-    """Every series name the services export (plus Prometheus' own and DCGM's), with its label names."""
-    out = dict(BUILTIN_SERIES) | EXTERNAL_SERIES
+    """Every series name the services export (plus Prometheus' own, DCGM's and vLLM's), with its label names."""
+    out = dict(BUILTIN_SERIES) | EXTERNAL_SERIES | VLLM_SERIES
     for metric in exported().values():
         for name, labels in metric.series().items():
             out[name] = labels | TARGET_LABELS

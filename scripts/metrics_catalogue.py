@@ -5,7 +5,8 @@
 
 Names, types, labels and help texts come from the metrics the services
 register (scripts/metric_facts.py); the notes from the comments in
-e3/metric_names.py; the recording rules and alerts from
+e3/metric_names.py; the vLLM series the dashboards read from
+metric_facts.VLLM_GAUGES and VLLM_COUNTERS; the recording rules and alerts from
 deploy/prometheus/rules. A change to any of them without regenerating the
 document fails the test suite, so the catalogue cannot drift.
 """
@@ -68,6 +69,15 @@ def render() -> str:
                 meaning += f" Buckets: {', '.join(f'{b:g}' for b in finite)}."
             lines.append(f"| `{m.name}`{SERIES_SUFFIXES[m.type]} | {m.type} | {labels} | {_cell(meaning)} |")
         lines.append("")
+    lines += ["## vLLM's engine series (re-exported by every replica)", "",
+              "vLLM names and documents these (`vllm/v1/metrics/loggers.py`); each replica's `/metrics` serves "
+              "every `vllm:*` series of its engine with `replica` added (`services/generation/metrics.py`, "
+              "`VllmSeries`). Those the dashboards read:", "",
+              "| Metric | Type | Labels |", "| --- | --- | --- |"]
+    labels = "`model_name`, `engine`, `replica`"
+    lines += [f"| `{name}` | gauge | {labels} |" for name in metric_facts.VLLM_GAUGES]
+    lines += [f"| `{name}_total` | counter | {labels} |" for name in metric_facts.VLLM_COUNTERS]
+    lines.append("")
     lines += ["## Recording rules (`deploy/prometheus/rules`)", "", "| Series | Expression |", "| --- | --- |"]
     alerts = []
     for path in promql_checks.rule_files():

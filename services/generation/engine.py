@@ -135,6 +135,7 @@ class GenerationEngine:
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         on_cpu = current_platform.is_cpu()
         if on_cpu:
@@ -144,7 +145,11 @@ class GenerationEngine:
         args = AsyncEngineArgs(**engine_arguments(model_dir, self.settings, on_cpu))
         begin = time.perf_counter()
         self.tokenizer = load_tokenizer(model_dir)  # a one-line error naming what is missing
-        self.llm = AsyncLLM.from_engine_args(args)
+        # vLLM's Prometheus stat logger alone (its periodic log lines stay off: disable_log_stats):
+        # it keeps the engine's vllm:* series (KV cache use, running and waiting requests) in
+        # prometheus_client's default registry, which the replica's /metrics re-exports
+        # (services.generation.metrics.VllmSeries).
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
         self.max_model_len = int(self.llm.model_config.max_model_len)
         elapsed = time.perf_counter() - begin
         self.loaded_version, self.weights_path = version, str(model_dir)

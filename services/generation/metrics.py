@@ -2,14 +2,17 @@
 
 Every series carries `replica`, so one dashboard can sum or split replicas.
 The worker loop writes; the HTTP thread reads; plain attribute writes of
-ints and bools need no lock for that.
+ints and bools need no lock for that. vLLM's own engine series (vllm:*)
+are re-exported beside e3's (VllmSeries), with `replica` added.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from e3 import metric_names
 
@@ -46,10 +49,37 @@ class ReplicaState:
         }
 
 
+class VllmSeries(Collector):
+    """vLLM's own series, read at scrape time from the registry vLLM's PrometheusStatLogger writes to.
+
+    That logger (passed to AsyncLLM by services.generation.engine) registers
+    its gauges, counters and histograms, named vllm:*, in prometheus_client's
+    default registry; the replica serves its own registry, so this collector
+    copies the vllm:* families into it, each sample with `replica` added.
+    Until the engine is up there are none.
+    """
+
+    PREFIX = "vllm:"
+
+    def __init__(self, replica_id: str, source: CollectorRegistry = REGISTRY) -> None:
+        self.replica_id, self.source = replica_id, source
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            if not family.name.startswith(self.PREFIX):
+                continue
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                copy.add_sample(sample.name, {**sample.labels, "replica": self.replica_id}, sample.value,
+                                sample.timestamp, sample.exemplar)
+            yield copy
+
+
 class GenerationMetrics:
     def __init__(self, replica_id: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.replica_id = replica_id
+        self.registry.register(VllmSeries(replica_id))
         labels = ["replica"]
         self._tokens = Counter(
             metric_names.GENERATION_TOKENS_TOTAL, "Response tokens sampled.", labels, registry=self.registry

@@ -231,3 +231,49 @@ def test_the_generator_takes_gpu_ids_for_a_second_project(tmp_path):
     assert compose_gpus.main(["--gpus", "4,5,GPU-8f3a", "-o", str(out)]) == 0
     text = out.read_text()
     assert 'device_ids: ["4"]' in text and 'device_ids: ["5"]' in text and 'device_ids: ["GPU-8f3a"]' in text
+
+
+# ---------------------------------------------------------------- Alertmanager
+
+def _repoint(service, target, path, old, new):
+    """Mount a copy of the service's file at `target` with `old` replaced by `new`."""
+    entry = mount(service, target)
+    path.write_text(open(entry["source"]).read().replace(old, new))
+    entry["source"] = str(path)
+
+
+def test_both_stacks_send_their_alerts_to_one_alertmanager(compose_models):
+    for variant, model in compose_models.items():
+        services = model["services"]
+        assert [n for n, s in services.items() if s["image"].startswith("prom/alertmanager")] == ["alertmanager"], variant
+        prometheus = yaml.safe_load(open(mount(services["prometheus"], "/etc/prometheus/prometheus.yml")["source"]))
+        assert prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+        assert "monitoring" in services["alertmanager"]["networks"] and "monitoring" in services["prometheus"]["networks"]
+        assert not [p for p in problems(model, variant) if "alertmanager" in p], variant
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda m, tmp: _repoint(m["services"]["prometheus"], "/etc/prometheus/prometheus.yml", tmp / "prometheus.yml",
+                             "alertmanager:9093", "alertmanager:9094"), "sends alerts to ['alertmanager:9094']"),
+    (lambda m, tmp: _repoint(m["services"]["prometheus"], "/etc/prometheus/prometheus.yml", tmp / "prometheus.yml",
+                             '"alertmanager:9093"', '"alerts:9093"'), "not the alertmanager service"),
+    (lambda m, tmp: m["services"]["alertmanager"].update(networks={"store": None}), "shares no network with prometheus"),
+    (lambda m, tmp: _repoint(m["services"]["alertmanager"], "/etc/alertmanager/alertmanager.yml",
+                             tmp / "alertmanager.yml", "- name: e3-default", "- name: e3-elsewhere"),
+     "routes to receiver 'e3-default', which it does not define"),
+    (lambda m, tmp: m["services"].pop("alertmanager"), "expected one prom/alertmanager service, found 0"),
+])
+def test_an_alertmanager_prometheus_cannot_reach_or_cannot_load_is_reported(gpu_model, tmp_path, mutate, expected):
+    mutate(gpu_model, tmp_path)
+    found = problems(gpu_model)
+    assert any(expected in p for p in found), found
+
+
+@pytest.mark.skipif(compose_check.amtool() is None, reason="amtool not installed (make compose-check fetches it)")
+def test_amtool_accepts_the_shipped_alertmanager_config_and_refuses_a_broken_one(tmp_path):
+    shipped = compose_check.ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+    assert subprocess.run([compose_check.amtool(), "check-config", str(shipped)], capture_output=True).returncode == 0
+    broken = tmp_path / "alertmanager.yml"
+    broken.write_text(shipped.read_text().replace("group_wait: 30s", "group_wait: soon"))
+    found = compose_check.alertmanager_config_problems(broken, "test")
+    assert len(found) == 1 and "amtool check-config" in found[0], found

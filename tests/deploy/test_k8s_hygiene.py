@@ -16,6 +16,7 @@ import yaml
 
 import k8s_check
 import k8s_hygiene
+from k8s_render import Rendered
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_MD = ROOT / "docs" / "deploy.md"
@@ -27,7 +28,7 @@ def find(docs, kind, name):
 
 
 def pod(docs, kind, name):
-    return find(docs, kind, name)["spec"]["template"]["spec"]
+    return Rendered.pod_spec(find(docs, kind, name))
 
 
 def container(docs, kind, name):
@@ -150,7 +151,7 @@ def _redis_command(docs, old, new):
      "memory limit 1Gi is below its request 2Gi"),
     (lambda d: container(d, "Deployment", "e3-reward").update(image="e3/reward:0.1.0"), "names no registry"),
     (lambda d: find(d, "PriorityClass", "e3-generation").update(value=25000), "must be above generation's"),
-    (lambda d: pod(d, "Job", "e3-trainer").pop("priorityClassName"), "must be above generation's"),
+    (lambda d: pod(d, "JobSet", "e3-trainer").pop("priorityClassName"), "must be above generation's"),
     (lambda d: find(d, "PriorityClass", "e3-generation").update(preemptionPolicy="PreemptLowerPriority"),
      "must not preempt"),
     (lambda d: pod(d, "Deployment", "e3-scheduler").pop("priorityClassName"), "e3-scheduler must be above the trainer's"),
@@ -168,9 +169,9 @@ def _redis_command(docs, old, new):
     (lambda d: container(d, "Deployment", "e3-reward")["env"].append(
         {"name": "E3_OPERATOR_TOKEN", "valueFrom": {"secretKeyRef": {"name": "x", "key": "E3_OPERATOR_TOKEN"}}}),
      "E3_OPERATOR_TOKEN travels as an environment variable"),
-    (lambda d: env(container(d, "Job", "e3-trainer"), "E3_TRAINER_TOKEN_FILE").update(value="/tmp/trainer-token"),
+    (lambda d: env(container(d, "JobSet", "e3-trainer"), "E3_TRAINER_TOKEN_FILE").update(value="/tmp/trainer-token"),
      "E3_TRAINER_TOKEN_FILE: /tmp/trainer-token is on volume tmp, which holds no Secret"),
-    (lambda d: env(container(d, "Job", "e3-trainer"), "E3_TRAINER_TOKEN_FILE").update(value="/run/secrets/e3/nope"),
+    (lambda d: env(container(d, "JobSet", "e3-trainer"), "E3_TRAINER_TOKEN_FILE").update(value="/run/secrets/e3/nope"),
      "/run/secrets/e3/nope is no key of the Secret volume secrets"),
     (lambda d: volume(d, "Deployment", "e3-scheduler", "secrets")["projected"]["sources"][0]["secret"]["items"][1].update(
         key="E3_TRAINER_TOKNE"), "mounts key E3_TRAINER_TOKNE, which Secret"),
@@ -242,7 +243,7 @@ def test_priority_classes_are_cluster_scoped_and_ordered(gpu_docs):
     classes = {d["metadata"]["name"]: d for d in gpu_docs if d["kind"] == "PriorityClass"}
     assert all("namespace" not in d["metadata"] for d in classes.values())
     assert classes["e3-control"]["value"] > classes["e3-trainer"]["value"] > classes["e3-generation"]["value"] > 0
-    assert pod(gpu_docs, "Job", "e3-trainer")["priorityClassName"] == "e3-trainer"
+    assert pod(gpu_docs, "JobSet", "e3-trainer")["priorityClassName"] == "e3-trainer"
     assert pod(gpu_docs, "Deployment", "e3-generation")["priorityClassName"] == "e3-generation"
 
 
@@ -293,3 +294,38 @@ def test_redis_gets_three_quarters_of_its_memory_limit_and_never_evicts(tmp_path
     assert done.returncode == 0, done.stderr
     assert "--maxmemory 3072mb --maxmemory-policy noeviction" in done.stdout
     assert "requirepass s3cret" in done.stdout and "s3cret" not in done.stdout.splitlines()[0]  # not on the command line
+
+
+# ---------------------------------------------------------------- GPU budget
+
+def documented_gpus() -> dict[str, int]:
+    """Overlay -> the GPUs of its cluster, from the table under "GPU budget" in docs/deploy.md."""
+    section = DEPLOY_MD.read_text().split("### GPU budget", 1)[1].split("\n#", 1)[0]
+    return {overlay: int(gpus) for overlay, gpus in re.findall(r"^\| `([\w-]+)` \| (\d+) \|", section, re.M)}
+
+
+def test_the_documented_cluster_gpus_are_those_the_check_holds_each_overlay_to():
+    assert documented_gpus() == k8s_hygiene.CLUSTER_GPUS
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-multinode"])
+def test_generation_at_the_autoscalers_maximum_leaves_the_trainer_its_gpus(rendered, overlay):
+    docs = rendered[overlay]
+    used = k8s_hygiene.gpu_pods(k8s_check.RenderedWithSecretFiles(docs, overlay))
+    assert set(used) == {"e3-generation", "e3-trainer"}
+    per_replica, replicas = used["e3-generation"]
+    assert replicas >= find(docs, "HorizontalPodAutoscaler", "e3-generation")["spec"]["maxReplicas"]
+    trainer_gpus = used["e3-trainer"][0] * used["e3-trainer"][1]
+    assert trainer_gpus >= 1 and per_replica * replicas < documented_gpus()[overlay]
+    assert trainer_gpus + per_replica * replicas <= documented_gpus()[overlay]
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: find(d, "HorizontalPodAutoscaler", "e3-generation")["spec"].update(maxReplicas=8),
+    lambda d: find(d, "Deployment", "e3-generation")["spec"]["strategy"]["rollingUpdate"].update(maxSurge=1),
+    lambda d: container(d, "JobSet", "e3-trainer")["resources"]["limits"].update({"nvidia.com/gpu": 2}),
+])
+def test_a_gpu_overlay_that_could_leave_the_trainer_pending_is_reported(gpu_docs, mutate):
+    mutate(gpu_docs)
+    found = k8s_check.drift_problems(gpu_docs, "gpu")
+    assert any("more than the 8 of the documented cluster" in p for p in found), found

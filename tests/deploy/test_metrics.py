@@ -111,3 +111,28 @@ def test_rules_and_prometheus_config_pass_promtool():
     config = ROOT / "deploy" / "prometheus" / "prometheus.yml"
     done = subprocess.run([promtool(), "check", "config", "--syntax-only", str(config)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_vllm_series_the_dashboards_read_are_registered_by_the_installed_vllm():
+    """vLLM's own logger names them; a vLLM upgrade that renames one fails here, not on an empty panel."""
+    vllm = pytest.importorskip("vllm")
+    source = (Path(vllm.__file__).parent / "v1" / "metrics" / "loggers.py").read_text()
+    for name in (*metric_facts.VLLM_GAUGES, *metric_facts.VLLM_COUNTERS):
+        assert f'name="{name}"' in source, name
+
+
+def test_a_replica_re_exports_vllms_series_with_its_replica_label():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    from services.generation.metrics import GenerationMetrics, VllmSeries
+
+    source = CollectorRegistry()  # stands in for prometheus_client's default registry, where vLLM's logger writes
+    Gauge("vllm:kv_cache_usage_perc", "KV-cache usage", ["model_name", "engine"], registry=source).labels("m", "0").set(0.25)
+    Counter("vllm:num_preemptions", "Preemptions", ["model_name", "engine"], registry=source).labels("m", "0").inc(3)
+    Gauge("python_like_other", "not vLLM's", registry=source).set(1)
+    metrics = GenerationMetrics("gen-7")
+    metrics.registry.register(VllmSeries("gen-7", source))
+    text = generate_latest(metrics.registry).decode().splitlines()
+    assert 'vllm:kv_cache_usage_perc{engine="0",model_name="m",replica="gen-7"} 0.25' in text
+    assert 'vllm:num_preemptions_total{engine="0",model_name="m",replica="gen-7"} 3.0' in text
+    assert not any(line.startswith("python_like_other") for line in text)
