@@ -448,7 +448,8 @@ class TrackingConfig(_Section):
 
 class E3Config(_Section):
     preset: str = "cpu"
-    run_dir: str = "runs/latest"
+    run_dir: str = Field("runs/latest", description="where a run writes; `e3 run` takes --run-dir, else this when "
+                         "the config file or E3_RUN_DIR sets it, else a new runs/<timestamp> (runs/latest links to it)")
     artifacts_dir: str = "artifacts"
     base_model: str | None = Field(None, description="model directory; None builds the arithmetic base model")
     base_architecture: Literal["llama", "qwen2"] = Field(

@@ -20,6 +20,12 @@ from pathlib import Path
 from e3.config import PRESETS, ConfigError, load_config
 
 
+def choose_run_dir(flag: str | None, config) -> Path:
+    """--run-dir, else run_dir when the config file or E3_RUN_DIR set it, else a new runs/<timestamp>."""
+    chosen = flag or (config.run_dir if "run_dir" in config.model_fields_set else None)
+    return Path(chosen or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
 def _run(args) -> int:
     from rich.console import Console
 
@@ -36,7 +42,7 @@ def _run(args) -> int:
         overrides["tracking"] = {"report_to": args.report_to}  # "tensorboard,wandb"; tracking.report_to checks it
     config = load_config(args.config, **overrides)
     require_base_model(config)  # before a run directory is made for a run that cannot start
-    run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = choose_run_dir(args.run_dir, config)
     latest = Path("runs/latest")
     run_dir.mkdir(parents=True, exist_ok=True)
     if run_dir.parent == latest.parent and run_dir.name != "latest":

@@ -28,3 +28,14 @@ def test_arithmetic_needs_no_base_model_and_a_named_model_satisfies_any_task():
     require_base_model(load_config(environ={}, preset="paper-1.5b"))  # names its model
     with pytest.raises(ConfigError, match="needs base_model"):
         require_base_model(load_config(environ={}, **MATH_DATA))
+
+
+def test_the_run_directory_comes_from_the_flag_then_e3_run_dir_then_a_timestamp(tmp_path):
+    from e3.config import load_config
+    from services.cli import choose_run_dir
+
+    from_env = load_config(environ={"E3_RUN_DIR": str(tmp_path / "env")})
+    assert choose_run_dir(str(tmp_path / "flag"), from_env) == tmp_path / "flag"
+    assert choose_run_dir(None, from_env) == tmp_path / "env"
+    fresh = choose_run_dir(None, load_config(environ={}))
+    assert fresh.parent.name == "runs" and fresh.name[:8].isdigit()  # runs/<YYYYmmdd-HHMMSS>, not runs/latest
