@@ -67,6 +67,16 @@ bench-scheduler-load: setup
 bench-allocation: setup
 	@$(PY) -m services.bench.allocation_sim $(BENCH_ARGS)
 
+# Every allocation policy TRAINING the real model in one process (docs in services/bench/policy_learning.py):
+# 6 policies x 5 seeds x 2 difficulty mixes, about an hour on two cores; bench/results/policies.json and .md.
+# BENCH_ARGS="--resume" continues an interrupted run; the -quick target is the CI smoke size (runs/bench-quick/).
+.PHONY: bench-policies bench-policies-quick
+bench-policies: setup base-model
+	@$(PY) -m services.bench.policy_learning $(BENCH_ARGS)
+
+bench-policies-quick: setup base-model
+	@$(PY) -m services.bench.policy_learning --quick $(BENCH_ARGS)
+
 stubs: setup
 	@$(PY) -m e3.contracts.build
 

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 from e3.config import E3Config
 from e3.core.advantages import group_outcome
 from e3.core.difficulty import accuracy_ranks
+from e3.core.policies import is_mixed
 from e3.core.temperature import TemperatureConfig, observe_entropy
 from e3.failpoints import failpoint
 from e3.store.base import Store, StoreUnavailable
@@ -124,7 +125,8 @@ class TrainerSide:
         record = state.allocations.get(str(step)) or {}
         groups = stored_groups.decode_all(self.store.step_groups(step))
         failed = self.store.step_failures(step)
-        training = stored_groups.merge_rounds([g for g in groups if validation.split_of(g["task_id"]) is None])
+        training = self._trained(stored_groups.merge_rounds(
+            [g for g in groups if validation.split_of(g["task_id"]) is None]))
         if self.state.step != step:  # adopted meanwhile (a report raced this read): its groups are gone
             raise SchedulerError("failed_precondition", f"step {step} is already trained (current step is "
                                  f"{self.state.step})")
@@ -196,7 +198,7 @@ class TrainerSide:
                 "policy_version": report.new_policy_version,
                 "weights_path": report.weights_path,
                 "trainer_epoch": self.state.trainer_epoch,
-                "rollouts": sum(len(g["samples"]) for g in groups),
+                "rollouts": sum(len(g["samples"]) for g in self._trained(groups)),
                 "outcomes": {o: outcomes.count(o) for o in ("all_correct", "all_wrong", "mixed")},
                 "metrics": dict(report.metrics),
                 "validation": measured,
@@ -238,6 +240,16 @@ class TrainerSide:
                 self.observer.on_report(entry, self)
             self._plan_ahead()  # max_async_level >= 1: the step after it may now be planned too
             return self._ack()
+
+    def _trained(self, groups: list[dict]) -> list[dict]:
+        """The groups the trainer gets: all, except that dapo drops the all-same ones (DAPO's dynamic sampling).
+
+        Their advantage is zero, so they would add no gradient, only tokens to
+        the loss's token-level mean; their rollouts still count in the
+        statistics and in the step's group outcomes."""
+        if self.config.allocation.mode != "dapo":
+            return groups
+        return [g for g in groups if is_mixed([s["reward"] for s in g["samples"]])]
 
     def _finish_validation(self, step: int, report: StepReport) -> dict:
         """Adopt the report of the final validation step: no update, the run is finished. Caller holds the lock."""

@@ -134,8 +134,13 @@ def test_dapo_refills_from_further_questions_within_the_budget():
     assert record["rounds"][1] == [0, 0, 4, 4, 0, 0, 0, 0] and sum(record["counts"]) == 16
     play_replica(engine, lambda q, n: [1.0, 0.0] * (n // 2))
     groups = engine.wait_for_batch(0, 1.0)["groups"]
-    assert [len(g["samples"]) for g in groups] == [4, 4, 4, 4]
-    assert [g["question_id"] for g in groups] == record["question_ids"][:4]
+    # DAPO's filter: the first round's all-wrong groups are not trained; the refills, mixed, are.
+    assert [len(g["samples"]) for g in groups] == [4, 4]
+    assert [g["question_id"] for g in groups] == record["question_ids"][2:4]
+    assert sum(s.attempts for s in store.stats(record["question_ids"][:4]).values()) == 16  # all counted
+    engine.report(StepReport(0, 1.0, 1, "/weights/v1"))
+    entry = engine.state.reports[-1]
+    assert entry["rollouts"] == 8 and entry["outcomes"] == {"all_correct": 0, "all_wrong": 2, "mixed": 2}
 
 
 def test_greso_skips_questions_whose_recent_groups_were_all_correct_and_samples_the_reserve_instead():

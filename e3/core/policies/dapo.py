@@ -9,8 +9,9 @@ this becomes two rounds:
    rest of the batch, then the reserve), again in groups of g; a remainder
    too small for a group tops up the refills, then the first round's mixed
    groups, then any group, never past n_max.
-Dropping the all-same groups is the trainer's side: they carry no advantage,
-and `is_mixed` tells which they are.
+Dropping the all-same groups happens when the batch goes to the trainer
+(the scheduler's TrainerSide, or the benchmark's driver): they carry no
+advantage, and `is_mixed` tells which they are.
 
 The refill is blind, as in DAPO (it cannot know a question is informative
 before sampling it), so at a fixed budget this spends like `uniform` over
