@@ -93,6 +93,13 @@ class Leasing:
         if finished:
             return LeaseResult([], version, weights, True, 0.0)
         records = self.store.lease(replica_id, max_tasks, now, self.config.scheduler.lease_s)
+        if records and max(r.policy_version for r in records) > version:
+            # A report queues the next step's tasks, then commits its state: leased in between,
+            # they want a policy this state does not name yet. The report holds the lock until
+            # its commit, so the state read under it names their policy and its weights.
+            with self._lock:
+                state = self.state
+            version, weights = state.policy_version, state.weights_path
         if records:
             failpoint("lease.after_store")  # leased in the store, never told to the replica
         tasks = [LeasedTask(r, self.question_of(r), self.config.training.max_tokens) for r in records]
