@@ -14,11 +14,13 @@ from services.bench.harness import metric_value, scrape
 SYNC_METRIC = "e3_weight_sync_seconds"
 
 
-def measure_anatomy(run_dir: Path, quick: bool) -> dict:
+def measure_anatomy(run_dir: Path, quick: bool, max_async_level: int = 0) -> dict:
+    """Train the default run (with sampling up to `max_async_level` steps ahead) and split its steps by phase."""
     from services.launcher import follow_training, start_stack
 
     # environ={}: "the default run" is the cpu preset as shipped, not this shell's E3_* variables.
     overrides = {"training": {"steps": 3, "batch_questions": 8}, "data": {"train_size": 32, "valid_size": 40}} if quick else {}
+    overrides["training"] = overrides.get("training", {}) | {"max_async_level": max_async_level}
     config = load_config(environ={}, **overrides)
     running = start_stack(config, run_dir)
     try:
@@ -35,5 +37,6 @@ def measure_anatomy(run_dir: Path, quick: bool) -> dict:
     c = running.config
     return {"config": {"preset": c.preset, "steps": c.training.steps, "batch_questions": c.training.batch_questions,
                        "n": c.allocation.n, "replicas": c.generation.replicas, "validation_every": c.validation_every,
-                       "checkpoint_every": c.training.checkpoint_every, "trainer_threads": c.trainer.threads},
+                       "checkpoint_every": c.training.checkpoint_every, "trainer_threads": c.trainer.threads,
+                       "max_async_level": c.training.max_async_level},
             "reload_mean_s": max(reloads), "rows": rows} | summarize_steps(rows)

@@ -1,18 +1,20 @@
 """`make bench-system`: how fast the services are, and how much they add over vLLM and the disk.
 
     python -m services.bench.system [--quick] [--out bench/results] [--device cpu|cuda]
-        [--only generation,anatomy,weight-sync,scheduler,trainer] [--note TEXT]
+        [--only generation,anatomy,weight-sync,scheduler,trainer,async] [--note TEXT]
 
-Five measurements, one after another (never side by side: two cores), each
+Six measurements, one after another (never side by side: two cores), each
 described in its module: generation throughput against offline vLLM
 (throughput.py), the default run's step anatomy (anatomy.py), weight sync
 for 1M, 10M and 50M-parameter models against the disk (weight_sync.py),
 the scheduler's planning and submission rates (scheduler_speed.py), and the
 trainer's update on 1k-8k-token sequences plus the default run's training
 phase with one forward pass against two (trainer_speed.py; --device cuda
-runs it on the GPU). The first four write system.json and system.md, the
-trainer trainer.json and trainer.md, so `--only trainer` leaves the system
-results as they are; scratch runs go under --work.
+runs it on the GPU), and the default run at max_async_level 0, 1 and 2
+(async_levels.py). The first four write system.json and system.md, the
+trainer trainer.json and trainer.md, async async.json and async.md, so
+`--only trainer` or `--only async` leaves the system results as they are;
+scratch runs go under --work.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from e3.bench.system_report import system_markdown
 from services.bench.common import provenance, write_json, write_text
 
 console = Console(stderr=True)
-SECTIONS = ("generation", "anatomy", "weight-sync", "scheduler", "trainer")
+SECTIONS = ("generation", "anatomy", "weight-sync", "scheduler", "trainer", "async")
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         results["scheduler"] = measure_scheduler(size.tracked, list(size.plan_batches), size.submit_batch,
                                                  size.submit_steps, size.min_seconds, size.min_repeats)
     written = []
-    if any(s != "trainer" for s in only):
+    if "async" in only:
+        from e3.bench.async_levels import async_markdown
+        from services.bench.async_levels import measure_async
+
+        console.print("[bold]async[/bold]: the default run at max_async_level 0, 1 and 2")
+        started = time.monotonic()
+        timed = {k: v for k, v in results.items() if k in ("command", "created_utc", "git_commit", "machine", "note")}
+        timed |= {"benchmark": "async"} | measure_async(work / "async", args.quick)
+        timed["wall_s"] = round(time.monotonic() - started, 1)
+        write_json(out / "async.json", timed)
+        write_text(out / "async.md", async_markdown(timed))
+        written += [out / "async.md", out / "async.json"]
+    if any(s not in ("trainer", "async") for s in only):
         results["wall_s"] = {"total": round(time.monotonic() - began, 1)}
         write_json(out / "system.json", results)
         write_text(out / "system.md", system_markdown(results))
