@@ -61,7 +61,7 @@ class StepRounds:
         return len(record.get("rounds", (None, None))) >= 2
 
     def _advance_round(self, step: int, finished: int | None = None) -> bool:
-        """Plan the current step's second round if its first is finished; True if the round was added now.
+        """Plan a planned step's second round if its first is finished; True if the round was added now.
 
         `finished`: the step's finished task count if the caller knows it; a
         count below the first round's training tasks answers False at once,
