@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
+from e3.report.plots import save_figure  # noqa: E402
+
 COLOURS = {"grpo": "tab:grey", "e3-allocation-only": "tab:blue", "e3-temperature-only": "tab:orange", "e3": "tab:red"}
 
 
@@ -28,11 +30,6 @@ def _band(ax, xs, stats, colour, label, style="-o") -> None:
                         color=colour, alpha=0.18, linewidth=0)
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> list[Path]:
@@ -52,7 +49,7 @@ def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> lis
     ax.set(xlabel="rollouts spent", ylabel="validation pass@1 (mean over samples)",
            title=f"Accuracy vs rollouts (mean ± std over {seeds} seeds)")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / f"{prefix}-accuracy.png"))
+    written.append(save_figure(fig, out_dir / f"{prefix}-accuracy.png"))
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True)
     for i, (name, arm) in enumerate(arms.items()):
@@ -66,7 +63,7 @@ def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> lis
     top.set(ylabel="mean token entropy (nats)", title="Entropy (dashed: controller target) and sampling temperature")
     bottom.set(xlabel="step", ylabel="temperature")
     top.legend(fontsize=8)
-    written.append(_save(fig, out_dir / f"{prefix}-entropy-temperature.png"))
+    written.append(save_figure(fig, out_dir / f"{prefix}-entropy-temperature.png"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ks = results["settings"]["passk"]["ks"]
@@ -83,7 +80,7 @@ def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> lis
            title=f"pass@k on the validation set (n={results['settings']['passk']['samples']}, "
                  f"T={results['settings']['passk']['temperature']})")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / f"{prefix}-passk.png"))
+    written.append(save_figure(fig, out_dir / f"{prefix}-passk.png"))
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True)
     for i, (name, arm) in enumerate(arms.items()):
@@ -94,5 +91,5 @@ def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> lis
     top.set(ylabel="all-wrong share", title="Zero-advantage groups per step (share of the step's groups)")
     bottom.set(xlabel="step", ylabel="all-correct share")
     top.legend(fontsize=8)
-    written.append(_save(fig, out_dir / f"{prefix}-zero-advantage.png"))
+    written.append(save_figure(fig, out_dir / f"{prefix}-zero-advantage.png"))
     return written

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
+from e3.report.plots import save_figure  # noqa: E402
+
 
 def plot_policies(results: dict, out_dir: Path) -> list[Path]:
     """policies-curves.png (mean pass@1 against rollouts) and policies-groups.png (group outcome shares)."""
@@ -27,7 +29,7 @@ def plot_policies(results: dict, out_dir: Path) -> list[Path]:
                    label="uniform's final")
         ax.set(xlabel="rollouts spent", ylabel="validation pass@1", title=f"{name} (mean over {seeds} seeds)")
         ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / "policies-curves.png"))
+    written.append(save_figure(fig, out_dir / "policies-curves.png"))
 
     fig, axes = plt.subplots(1, len(mixes), figsize=(6.5 * len(mixes), 4.5), squeeze=False)
     for ax, (name, mix) in zip(axes[0], mixes.items()):
@@ -38,12 +40,5 @@ def plot_policies(results: dict, out_dir: Path) -> list[Path]:
             bottom = [b + s for b, s in zip(bottom, shares)]
         ax.set(ylabel="share of sampled groups", ylim=(0, 1), title=f"{name}: group outcomes")
         ax.legend(fontsize=8, loc="lower right")
-    written.append(_save(fig, out_dir / "policies-groups.png"))
+    written.append(save_figure(fig, out_dir / "policies-groups.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -29,7 +29,8 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a figure; its path."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -55,7 +56,7 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
     ax.set(xlabel="steps trained", ylabel="pass@1 (mean over samples)", title="Validation accuracy by level",
            ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, ncol=2)
-    written.append(_save(fig, out_dir / "validation_accuracy.png"))
+    written.append(save_figure(fig, out_dir / "validation_accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in steps], [r["entropy"] for r in steps], "-o", label="measured entropy")
@@ -64,18 +65,18 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
         ax.plot(*zip(*targets), "--", label="target")
     ax.set(xlabel="step", ylabel="mean token entropy (nats)", title="Entropy vs target")
     ax.legend()
-    written.append(_save(fig, out_dir / "entropy.png"))
+    written.append(save_figure(fig, out_dir / "entropy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in steps], [r["temperature"] for r in steps], "-o")
     ax.set(xlabel="step", ylabel="sampling temperature", title="Temperature")
-    written.append(_save(fig, out_dir / "temperature.png"))
+    written.append(save_figure(fig, out_dir / "temperature.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     sizes = Counter(size for r in steps for size in r["group_sizes"])
     ax.bar(list(sizes), list(sizes.values()))
     ax.set(xlabel="rollouts given to a question", ylabel="groups", title="Allocation histogram (all steps)")
-    written.append(_save(fig, out_dir / "allocation.png"))
+    written.append(save_figure(fig, out_dir / "allocation.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for outcome in ("all_correct", "all_wrong"):
@@ -83,5 +84,5 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
         ax.plot([r["step"] for r in steps], share, "-o", label=outcome.replace("_", "-"))
     ax.set(xlabel="step", ylabel="share of groups", title="Zero-advantage groups", ylim=(-0.02, 1.02))
     ax.legend()
-    written.append(_save(fig, out_dir / "zero_advantage.png"))
+    written.append(save_figure(fig, out_dir / "zero_advantage.png"))
     return written

@@ -149,13 +149,10 @@ class MemoryStore(Store):
             for task in tasks:
                 if task.task_id in self._tasks:
                     raise ValueError(f"task id {task.task_id!r} already exists (step {self._tasks[task.task_id].step})")
-            self._steps[step] = [t.task_id for t in tasks]
+            self._steps[step] = []
             self._groups[step] = {}
             self._failed[step] = {}
-            for task in tasks:
-                # A copy, so the caller's records never alias the store's.
-                self._tasks[task.task_id] = dataclasses.replace(task, status=TaskStatus.PENDING)
-                self._queue.append(task.task_id)
+            self._queue_tasks(step, tasks)
 
     def extend_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
         check_plan(step, tasks)
@@ -165,10 +162,15 @@ class MemoryStore(Store):
             for task in tasks:
                 if task.task_id in self._tasks:
                     raise StepAlreadyPlanned(f"task {task.task_id!r} of step {step}'s further round exists already")
-            for task in tasks:
-                self._steps[step].append(task.task_id)
-                self._tasks[task.task_id] = dataclasses.replace(task, status=TaskStatus.PENDING)
-                self._queue.append(task.task_id)
+            self._queue_tasks(step, tasks)
+
+    def _queue_tasks(self, step: int, tasks: Sequence[TaskRecord]) -> None:
+        """Store checked tasks pending, in the step's plan order and at the queue's back; caller holds the lock."""
+        for task in tasks:
+            self._steps[step].append(task.task_id)
+            # A copy, so the caller's records never alias the store's.
+            self._tasks[task.task_id] = dataclasses.replace(task, status=TaskStatus.PENDING)
+            self._queue.append(task.task_id)
 
     def record_groups(self, step: int, groups: Mapping[str, tuple[int, int]], keep: int) -> None:
         check_history(groups, keep)

@@ -7,13 +7,14 @@ Redis as repr() text and are never re-encoded inside Lua.
 
 # The scripts spell task statuses as TaskStatus's values: pending, leased, done, failed.
 
-# ARGV: prefix, step, field count F, F field names, then F values per task.
-PLAN_STEP = """
-local prefix, step = ARGV[1], ARGV[2]
-if redis.call('SISMEMBER', prefix .. 'steps', step) == 1 then return {'planned'} end
+# The shared middle of PLAN_STEP and EXTEND_STEP (ARGV: prefix, step, field
+# count F, F field names, then F values per task): every id is checked before
+# anything is written, so a rejected call leaves no trace; then each task is
+# stored, appended to the step's task list (step progress counts it) and to
+# the queue's back.
+_QUEUE_TASKS = """
 local nfields = tonumber(ARGV[3])
 local first = 4 + nfields
--- Check every id before writing anything, so a rejected plan leaves no trace.
 for base = first, #ARGV, nfields do
   if redis.call('EXISTS', prefix .. 'task:' .. ARGV[base]) == 1 then return {'exists', ARGV[base]} end
 end
@@ -27,31 +28,22 @@ for base = first, #ARGV, nfields do
   redis.call('RPUSH', prefix .. 'step:' .. step .. ':tasks', ARGV[base])
   redis.call('RPUSH', prefix .. 'queue', ARGV[base])
 end
+"""
+
+# A step's tasks, queued once: a step already planned answers 'planned'.
+PLAN_STEP = """
+local prefix, step = ARGV[1], ARGV[2]
+if redis.call('SISMEMBER', prefix .. 'steps', step) == 1 then return {'planned'} end
+""" + _QUEUE_TASKS + """
 redis.call('SADD', prefix .. 'steps', step)
 return {'ok'}
 """
 
-# ARGV: prefix, step, nfields, field names..., then per task its values.
-# Adds a later round's tasks to a planned step: they join its task list (so
-# step progress counts them) and the queue's back.
+# A later round's tasks added to a planned step: an unplanned step answers 'unplanned'.
 EXTEND_STEP = """
 local prefix, step = ARGV[1], ARGV[2]
 if redis.call('SISMEMBER', prefix .. 'steps', step) == 0 then return {'unplanned'} end
-local nfields = tonumber(ARGV[3])
-local first = 4 + nfields
-for base = first, #ARGV, nfields do
-  if redis.call('EXISTS', prefix .. 'task:' .. ARGV[base]) == 1 then return {'exists', ARGV[base]} end
-end
-for base = first, #ARGV, nfields do
-  local kv = {}
-  for f = 0, nfields - 1 do
-    kv[#kv + 1] = ARGV[4 + f]
-    kv[#kv + 1] = ARGV[base + f]
-  end
-  redis.call('HSET', prefix .. 'task:' .. ARGV[base], unpack(kv))
-  redis.call('RPUSH', prefix .. 'step:' .. step .. ':tasks', ARGV[base])
-  redis.call('RPUSH', prefix .. 'queue', ARGV[base])
-end
+""" + _QUEUE_TASKS + """
 return {'ok'}
 """
 

@@ -270,12 +270,16 @@ class RedisStore(Store):
         return {q: float(r) for q, r in self._r.hgetall(self._p + "ranks").items()}
 
     # --- tasks and leases ---
-    def plan_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
-        check_plan(step, tasks)
+    def _tasks_args(self, step: int, tasks: Sequence[TaskRecord]) -> list[str]:
+        """PLAN_STEP's and EXTEND_STEP's arguments: prefix, step, the field names once, then each task's values."""
         args: list[str] = [self._p, str(int(step)), str(len(_TASK_FIELDS)), *_TASK_FIELDS]
         for task in tasks:
             args.extend(_task_to_text(task))
-        reply = self._plan(args=args)
+        return args
+
+    def plan_step(self, step: int, tasks: Sequence[TaskRecord]) -> None:
+        check_plan(step, tasks)
+        reply = self._plan(args=self._tasks_args(step, tasks))
         if reply[0] == "planned":
             raise StepAlreadyPlanned(f"step {step} is already planned")
         if reply[0] == "exists":
@@ -285,10 +289,7 @@ class RedisStore(Store):
         check_plan(step, tasks)
         if not tasks:
             return
-        args: list[str] = [self._p, str(int(step)), str(len(_TASK_FIELDS)), *_TASK_FIELDS]
-        for task in tasks:
-            args.extend(_task_to_text(task))
-        reply = self._extend(args=args)
+        reply = self._extend(args=self._tasks_args(step, tasks))
         if reply[0] == "unplanned":
             raise ValueError(f"step {step} is not planned: only a planned step takes a further round")
         if reply[0] == "exists":

@@ -10,11 +10,11 @@ runs it alone.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from e3.bench.async_levels import compare_levels, predicted_step_s, reduce_async_run
+from e3.report.plots import read_metrics
 from services.bench.anatomy import measure_anatomy
 
 
@@ -25,7 +25,7 @@ def measure_async(work: Path, quick: bool, levels: tuple[int, ...] = (0, 1, 2)) 
         run_dir = work / f"k{k}"
         started = time.monotonic()
         anatomies[k] = measure_anatomy(run_dir, quick, max_async_level=k)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        records = read_metrics(run_dir / "metrics.jsonl")
         runs[k] = reduce_async_run(records) | {"wall_s": time.monotonic() - started,
                                                "phases_s": {p: v["mean_s"] for p, v in anatomies[k]["phases"].items()}}
     c = anatomies[levels[0]]["config"]
