@@ -60,6 +60,13 @@ def _run(args) -> int:
             console.print(f"  level {key.removeprefix('val_accuracy_L')}: {base:.3f} -> {summary['final_by_level'].get(key, float('nan')):.3f}")
     if summary.get("base_train_accuracy") is not None:
         console.print(f"pass@1 on the RL questions {summary['base_train_accuracy']:.3f} -> {summary['final_train_accuracy']:.3f}")
+    a = summary["anatomy"]
+    steps = a.get("steps", {})
+    console.print(f"where the time went: start-up {a['start_up_s']:.0f}s, step 0 {a.get('first_step_s', 0):.0f}s, "
+                  f"training {steps.get('train', 0):.0f}s, waiting for rollouts {steps.get('wait', 0):.0f}s "
+                  f"(in-loop validation about {a.get('validation_s', 0):.0f}s of it), final validation "
+                  f"{a.get('final_validation_s', 0):.0f}s, shut-down {a.get('shut_down_s', 0):.0f}s; CPU s "
+                  + ", ".join(f"{name} {seconds:.0f}" for name, seconds in a["cpu_s"].items()))
     console.print(f"run directory: {run_dir} (metrics.jsonl, plots/, final-model/, logs/)")
     return 0
 

@@ -32,7 +32,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from e3.config import ConfigError, E3Config
 from services.common.auth import ENV, ROLES, SERVICE_ROLES
+from e3.report.run_anatomy import run_anatomy
 from services.common.runtime import free_port
+from services.cpu_meter import CpuMeter
 
 console = Console(stderr=True)
 
@@ -230,22 +232,31 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
 
 def run_training(config: E3Config, run_dir: Path, env: dict | None = None) -> dict:
     """Run one training job end to end; returns the summary written to summary.json."""
-    started = time.time()
+    marks = {"started": time.time()}  # the run's anatomy (e3.report.run_anatomy)
+    meter = CpuMeter()
     running = None
     try:
         running = start_stack(config, run_dir, env)
-        follow_training(running, run_dir)
+        marks["ready"] = time.time()
+        follow_training(running, run_dir, meter)
+        marks["trainer_exited"] = time.time()
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping the services[/yellow]")
         raise
     finally:
         if running is not None:
+            meter.sample(_service_pids(running.stack))
             running.stack.stop()
-    return _finish(running.config, run_dir, started)
+    marks["stopped"] = time.time()
+    return _finish(running.config, run_dir, marks, meter.totals())
 
 
-def follow_training(running: RunningStack, run_dir: Path) -> list[dict]:
-    """Progress bar until the trainer exits; raises if any service dies."""
+def _service_pids(stack: Stack) -> dict[str, int]:
+    return {s.name: s.process.pid for s in stack.services if s.process.poll() is None}
+
+
+def follow_training(running: RunningStack, run_dir: Path, meter: CpuMeter | None = None) -> list[dict]:
+    """Progress bar until the trainer exits; raises if any service dies. `meter` reads CPU time every second."""
     stack, trainer = running.stack, running.trainer
     steps = running.config.training.steps
     records: list[dict] = []
@@ -255,7 +266,11 @@ def follow_training(running: RunningStack, run_dir: Path) -> list[dict]:
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=steps, status="starting services")
         val, failed = "-", 0
+        metered = 0.0
         while trainer.process.poll() is None:
+            if meter is not None and time.monotonic() - metered >= 1.0:
+                meter.sample(_service_pids(stack))
+                metered = time.monotonic()
             if stack.dead():
                 bad = stack.dead()[0]
                 raise RuntimeError(f"{bad.name} exited with code {bad.process.returncode}; see {bad.log_path}")
@@ -292,7 +307,7 @@ def failure_warnings(record: dict) -> list[str]:
     return lines
 
 
-def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
+def _finish(config: E3Config, run_dir: Path, marks: dict[str, float], cpu_s: dict[str, float]) -> dict:
     from e3.report.plots import plot_run, read_metrics
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -304,7 +319,7 @@ def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
         "run_dir": str(run_dir),
         "preset": config.preset,
         "steps": len(train),
-        "wall_s": round(time.time() - started, 1),
+        "wall_s": round(marks["stopped"] - marks["started"], 1),
         "rollouts": train[-1]["rollouts_total"] if train else 0,
         "base_val_accuracy": evals[0]["val_accuracy"] if evals else None,
         "final_val_accuracy": evals[-1]["val_accuracy"] if evals else None,
@@ -317,6 +332,7 @@ def _finish(config: E3Config, run_dir: Path, started: float) -> dict:
         "entropy_target": train[-1].get("entropy_target") if train else None,
         "final_model": str(run_dir / "final-model"),
         "plots": plots,
+        "anatomy": run_anatomy(records, marks, cpu_s, os.cpu_count() or 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from e3.model.loading import load_tokenizer
+from services.generation.idle_spin import ENV as IDLE_SPIN_ENV
 from e3.tasks.prompts import render_messages_ids
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class EngineSettings:
 
     gpu_memory_utilization: float = 0.5
     cpu_kv_cache_gb: int = 1
+    cpu_idle_spin_s: float = 0.02
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     dtype: str = "auto"
@@ -86,6 +88,7 @@ class EngineSettings:
         """From a GenerationConfig; `seed` is used unless generation.seed is set."""
         return cls(
             gpu_memory_utilization=generation.gpu_memory_utilization, cpu_kv_cache_gb=generation.cpu_kv_cache_gb,
+            cpu_idle_spin_s=generation.cpu_idle_spin_s,
             tensor_parallel_size=generation.tensor_parallel_size, max_model_len=generation.max_model_len,
             dtype=generation.dtype, enable_prefix_caching=generation.enable_prefix_caching,
             seed=generation.seed if generation.seed is not None else seed,
@@ -142,6 +145,8 @@ class GenerationEngine:
             # Without it vLLM reserves a large share of host memory for KV cache;
             # the engine core child process inherits the variable.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kv_cache_gb))
+            # Read by the idle-spin plugin in the engine core and worker processes (services.generation.idle_spin).
+            os.environ[IDLE_SPIN_ENV] = str(self.settings.cpu_idle_spin_s)
         args = AsyncEngineArgs(**engine_arguments(model_dir, self.settings, on_cpu))
         begin = time.perf_counter()
         self.tokenizer = load_tokenizer(model_dir)  # a one-line error naming what is missing

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 import yaml
@@ -196,8 +197,29 @@ def _assert_logprobs_match(model_dir: Path, sample: dict, temperature: float) ->
     assert torch.allclose(torch.tensor(sample["response_logprobs"]), expected, atol=2e-3), (sample, expected)
 
 
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and every live descendant (the vLLM engine core and worker)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def test_every_task_of_a_step_gets_its_samples_once(cluster):
     groups = _check_batch(cluster, step=0, version=0)
+    # The replica has no work now (step 1 is not planned). vLLM's worker would keep polling its queue
+    # for a second after its last step (0.8 CPU s measured here with the cap at vLLM's 1 s); capped
+    # (generation.cpu_idle_spin_s, services.generation.idle_spin), the replica's processes all but sleep.
+    pid = cluster["replica"].pid
+    before = _tree_cpu_seconds(pid)
+    time.sleep(1.0)
+    idle_cpu = _tree_cpu_seconds(pid) - before
+    assert idle_cpu < 0.3, f"the idle replica used {idle_cpu:.2f} CPU s in 1 s"
     recorder = cluster["recorder"]
     assert recorder.outcomes == ["accepted"] * len(groups)
     assert recorder.rejected == [] and recorder.expiries == 0
