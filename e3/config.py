@@ -244,7 +244,7 @@ class GenerationConfig(_Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kv_cache_gb: int = Field(1, ge=1)
     cpu_idle_spin_s: float = Field(
-        0.02, ge=0, le=1, description="CPU hosts: how long vLLM's worker keeps polling its queue after a step "
+        0.1, ge=0, le=1, description="CPU hosts: how long vLLM's worker keeps polling its queue after a step "
         "before it sleeps (vLLM's own: 1 s, which takes a core from the trainer; services/generation/idle_spin.py)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica's vLLM engine spans")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + response vLLM holds; None: the model's own limit")

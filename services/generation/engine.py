@@ -76,7 +76,7 @@ class EngineSettings:
 
     gpu_memory_utilization: float = 0.5
     cpu_kv_cache_gb: int = 1
-    cpu_idle_spin_s: float = 0.02
+    cpu_idle_spin_s: float = 0.1
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     dtype: str = "auto"

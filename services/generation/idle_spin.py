@@ -13,8 +13,10 @@ hosts; the engine core and worker processes inherit it, and vLLM calls
 `register` in each of them (entry point group `vllm.general_plugins`, in
 pyproject.toml). With the variable unset (GPU hosts, or anyone else's vLLM
 in this environment) nothing changes. Decode steps follow each other within
-milliseconds, so a bound of a few tens of milliseconds keeps the worker
-awake while it generates and lets it sleep as soon as it stops.
+milliseconds, so the default bound, a tenth of a second, keeps the worker
+awake while it generates and lets it sleep soon after it stops. (0.02 s let
+it fall asleep between the steps of a large batch, 15-30% slower on 512
+prompts x 8 samples here; 0.1 s sampled as fast as vLLM's own second.)
 """
 
 from __future__ import annotations
