@@ -31,8 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from e3.config import ConfigError, E3Config
-from services.common.auth import ENV, ROLES, SERVICE_ROLES
 from e3.report.run_anatomy import run_anatomy
+from services.common.auth import ENV, ROLES, SERVICE_ROLES
 from services.common.runtime import free_port
 from services.cpu_meter import CpuMeter
 

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Sequence
 
 from e3.model.loading import load_tokenizer
-from services.generation.idle_spin import ENV as IDLE_SPIN_ENV
 from e3.tasks.prompts import render_messages_ids
+from services.generation.idle_spin import ENV as IDLE_SPIN_ENV
 
 log = logging.getLogger(__name__)
 
