@@ -30,8 +30,6 @@ def _band(ax, xs, stats, colour, label, style="-o") -> None:
                         color=colour, alpha=0.18, linewidth=0)
 
 
-
-
 def plot_learning(results: dict, out_dir: Path, prefix: str = "learning") -> list[Path]:
     """Four figures: accuracy vs rollouts, entropy and temperature vs step, pass@k, zero-advantage share."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 
 from e3.config import load_config
 from services.bench.common import shown_path
 from services.bench.harness import NullTrainer, response_tokens
+from services.cpu_meter import tree_cpu_seconds
 from services.generation.__main__ import replica_seed
 
 TARGET_OVERHEAD = 0.05
@@ -77,22 +77,8 @@ def _service_steps(config, run_dir: Path, steps: int) -> tuple[list[dict], list[
 
 def _cpu_seconds(services) -> dict[str, float]:
     """User + system CPU seconds of each service's process and all its descendants so far."""
-    out = {}
-    for service in services:
-        try:
-            root = psutil.Process(service.process.pid)
-            tree = [root] + root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            continue
-        total = 0.0
-        for process in tree:
-            try:
-                times = process.cpu_times()
-                total += times.user + times.system
-            except psutil.NoSuchProcess:
-                pass  # ended between listing and reading
-        out[service.name] = total
-    return out
+    trees = {service.name: tree_cpu_seconds(service.process.pid) for service in services}
+    return {name: sum(tree.values()) for name, tree in trees.items() if tree}
 
 
 def _offline_steps(config, seed: int, prompts: list[list[list[int]]]) -> list[dict]:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import torch
 import yaml
@@ -33,6 +32,7 @@ from e3.store import open_store
 from e3.tasks.datasets import load_split
 from services.common.auth import ENV, RoleTokens
 from services.common.runtime import free_port
+from services.cpu_meter import tree_cpu_seconds
 from services.scheduler.engine import SchedulerEngine, StepReport
 from services.scheduler.grpc_api import start_grpc_server
 
@@ -197,28 +197,15 @@ def _assert_logprobs_match(model_dir: Path, sample: dict, temperature: float) ->
     assert torch.allclose(torch.tensor(sample["response_logprobs"]), expected, atol=2e-3), (sample, expected)
 
 
-def _tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by a process and every live descendant (the vLLM engine core and worker)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def test_every_task_of_a_step_gets_its_samples_once(cluster):
     groups = _check_batch(cluster, step=0, version=0)
     # The replica has no work now (step 1 is not planned). vLLM's worker would keep polling its queue
     # for a second after its last step (0.8 CPU s measured here with the cap at vLLM's 1 s); capped
     # (generation.cpu_idle_spin_s, services.generation.idle_spin), the replica's processes all but sleep.
     pid = cluster["replica"].pid
-    before = _tree_cpu_seconds(pid)
+    before = sum(tree_cpu_seconds(pid).values())
     time.sleep(1.0)
-    idle_cpu = _tree_cpu_seconds(pid) - before
+    idle_cpu = sum(tree_cpu_seconds(pid).values()) - before
     assert idle_cpu < 0.3, f"the idle replica used {idle_cpu:.2f} CPU s in 1 s"
     recorder = cluster["recorder"]
     assert recorder.outcomes == ["accepted"] * len(groups)
