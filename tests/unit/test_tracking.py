@@ -52,8 +52,8 @@ def test_tensorboard_event_files_hold_every_scalar(tmp_path):
     assert "train/group_sizes" not in events.Tags()["scalars"]
 
 
-def _wandb_history(run_file: Path) -> list[dict]:
-    """The history rows of a W&B transaction log (.wandb): a LevelDB-style log of Record protobufs.
+def _wandb_records(run_file: Path) -> list:
+    """The Record protobufs of a W&B transaction log (.wandb), a LevelDB-style log, in order.
 
     wandb ships the Record type but no reader of its own file: after a 7-byte
     header (":W&B", magic, version), 32 KiB blocks of chunks, each with a
@@ -61,7 +61,7 @@ def _wandb_history(run_file: Path) -> list[dict]:
     """
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, block, pos, pending, rows = run_file.read_bytes(), 32768, 7, b"", []
+    data, block, pos, pending, records = run_file.read_bytes(), 32768, 7, b"", []
     assert data[:4] == b":W&B", run_file
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
@@ -73,11 +73,20 @@ def _wandb_history(run_file: Path) -> list[dict]:
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
-            record = pb.Record.FromString(pending)
+            records.append(pb.Record.FromString(pending))
             pending = b""
-            if record.HasField("history"):
-                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
-    return rows
+    return records
+
+
+def _wandb_history(records: list) -> list[dict]:
+    return [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            for record in records if record.HasField("history")]
+
+
+def _wandb_errors(root: Path) -> list[str]:
+    """wandb-core's own error lines under root: why a transaction log came out short, when it does."""
+    return [line.strip() for log in root.rglob("*.log") for line in log.read_text(errors="replace").splitlines()
+            if '"level":"ERROR"' in line or "error" in line.lower()]
 
 
 def test_wandb_offline_run_files_hold_every_step(tmp_path, monkeypatch):
@@ -90,8 +99,11 @@ def test_wandb_offline_run_files_hold_every_step(tmp_path, monkeypatch):
         tracker.log(record["step"], record)
     tracker.close()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    rows = _wandb_history(run_file)
-    assert [row["step"] for row in rows] == [-1, 0, 1, 1]
+    records = _wandb_records(run_file)
+    rows = _wandb_history(records)
+    assert [row["step"] for row in rows] == [-1, 0, 1, 1], (
+        f"{run_file.stat().st_size} bytes, records {[r.WhichOneof('record_type') for r in records]}, "
+        f"wandb-core errors {_wandb_errors(tmp_path)}")
     assert rows[0]["val/accuracy"] == 0.25 and rows[3]["val/accuracy"] == 0.5
     assert rows[1]["train/loss"] == 0.125 and rows[1]["timings/wait"] == 0.25 and rows[2]["train/skipped"] == 1
 
