@@ -162,3 +162,56 @@ def is_finite_tree(value) -> bool:
     if isinstance(value, (list, tuple)):
         return all(is_finite_tree(v) for v in value)
     return True
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t distribution with df degrees of freedom.
+
+    Bisection on the CDF, itself Simpson's rule over the density from 0; good
+    to about 1e-6, which is plenty for a confidence interval's half-width
+    (the standard library has the normal distribution only).
+    """
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    norm = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def cdf(t: float, pieces: int = 2000) -> float:
+        h = t / pieces
+        density = [norm * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(pieces + 1)]
+        area = h / 3 * (density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2]))
+        return 0.5 + area
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def compare_async(arms: dict[str, dict], runs: dict[str, Sequence[dict]], sync: str, ahead: str) -> dict | None:
+    """Whether the asynchronous arm's final pass@1 lies inside the lock-step arm's 95% confidence interval.
+
+    The interval is the lock-step seeds' mean ± t(0.975, n - 1) · std / √n;
+    the asynchronous arm is judged by its mean over its own seeds. Wall
+    times are the runs' own (start-up and shut-down included), so the table
+    can also say what the asynchronous mode bought in time on this machine.
+    None unless both arms ran with at least two seeds each.
+    """
+    if sync not in arms or ahead not in arms:
+        return None
+    reference = arms[sync]["final"]["val_accuracy"]
+    if reference["n"] < 2:
+        return None
+    half_width = t_quantile(0.975, reference["n"] - 1) * reference["std"] / math.sqrt(reference["n"])
+    interval = (reference["mean"] - half_width, reference["mean"] + half_width)
+    tried = arms[ahead]["final"]["val_accuracy"]
+    return {
+        "sync": sync, "ahead": ahead,
+        "sync_accuracy": reference, "ahead_accuracy": tried,
+        "interval": list(interval), "confidence": 0.95,
+        "difference": tried["mean"] - reference["mean"],
+        "within": interval[0] <= tried["mean"] <= interval[1],
+        "wall_s": {name: mean_std(run["wall_s"] for run in runs[name]) for name in (sync, ahead)},
+    }

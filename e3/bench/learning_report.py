@@ -62,6 +62,7 @@ def learning_markdown(results: dict, plots: list[str]) -> str:
               "–" if r["share_of_reference"] is None else f"{r['share_of_reference']:.0%}",
               f"{r['seeds_reaching']}/{r['seeds']}"] for name, r in reach["arms"].items()],
         )
+    out += _async_section(results.get("async_check"), arms)
     out += ["", "## Zero-advantage groups and exploration", "",
             "Shares are of all groups over all steps (a group whose rollouts are all right or all wrong "
             "has zero advantage and teaches nothing).", ""]
@@ -93,3 +94,25 @@ def learning_markdown(results: dict, plots: list[str]) -> str:
           f"{run['wall_s']:.0f}", f"`{run['run_dir']}`"] for arm in arms.values() for run in arm["runs"]],
     )
     return "\n".join(out) + "\n"
+
+
+def _async_section(check: dict | None, arms: dict) -> list[str]:
+    """Sampling one step ahead against lock-step: the final pass@1 against the lock-step arm's 95% interval."""
+    if not check:
+        return []
+    sync, ahead = arms[check["sync"]], arms[check["ahead"]]
+    low, high = check["interval"]
+    n = check["sync_accuracy"]["n"]
+    verdict = "inside" if check["within"] else "outside"
+    out = ["", "## Sampling one step ahead (max_async_level = 1)", "",
+           f"The two arms differ in training.max_async_level alone. The lock-step arm's 95% confidence interval "
+           f"for its final pass@1 is mean ± t(0.975, {n - 1}) · std / √{n} over its {n} seeds: "
+           f"[{low:.3f}, {high:.3f}]. The asynchronous arm's mean, {check['ahead_accuracy']['mean']:.3f} "
+           f"({check['difference']:+.3f}), lies {verdict} it. Wall time per run includes start-up, validation "
+           "and shut-down, on two cores that sampling and training share.", ""]
+    out += _table(
+        ["arm", "final val pass@1", "95% interval", "wall s per run"],
+        [[sync["label"], fmt(check["sync_accuracy"]), f"[{low:.3f}, {high:.3f}]", fmt(check["wall_s"][check["sync"]], 0)],
+         [ahead["label"], fmt(check["ahead_accuracy"]), "–", fmt(check["wall_s"][check["ahead"]], 0)]],
+    )
+    return out

@@ -3,8 +3,10 @@
     python -m services.bench.learning [--quick] [--out bench/results] [--runs runs/bench-learning] [--resume]
 
 Arms (presets of e3/config.py): plain GRPO (uniform n, fixed T), E3
-allocation only, E3 temperature control only, and full E3 with the
-annealed entropy target. Everything else is shared: base model, training
+allocation only, E3 temperature control only, full E3 with the annealed
+entropy target, and that full E3 again with sampling one step ahead of
+training (training.max_async_level = 1), whose final pass@1 the report
+sets against the lock-step arm's 95% confidence interval. Everything else is shared: base model, training
 and validation questions (data.seed stays 0), steps, batch, rollout budget
 per step; only training.seed (the trainer's and the samplers' seed) varies.
 
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from e3.bench.learning import compare_to_reference, reduce_run, summarize_arm
+from e3.bench.learning import compare_async, compare_to_reference, reduce_run, summarize_arm
 from e3.bench.learning_report import learning_markdown
 from e3.bench.plots import plot_learning
 from e3.config import load_config
@@ -52,8 +54,12 @@ ARMS: dict[str, tuple[str, str, dict]] = {
     "e3-allocation-only": ("E3 allocation only", "e3-allocation-only", {}),
     "e3-temperature-only": ("E3 temperature only", "e3-temperature-only", {}),
     "e3": ("E3 full (+ annealing)", "cpu", {"temperature": {"annealing": True}}),
+    "e3-async1": ("E3 full, sampling one step ahead (k = 1)", "cpu",
+                  {"temperature": {"annealing": True}, "training": {"max_async_level": 1}}),
 }
 REFERENCE_ARM = "grpo"
+# Is asynchronous sampling free in accuracy? e3-async1 differs from e3 in training.max_async_level alone.
+SYNC_ARM, ASYNC_ARM = "e3", "e3-async1"
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ QUICK = Size(steps=3, batch_questions=8, train_size=16, valid_size=40, n=4, n_lo
 
 def arm_config(arm: str, size: Size, seed: int, base_model: Path):
     _, preset, extra = ARMS[arm]
+    extra = dict(extra)
     # environ={}: a stray E3_* variable must not change one arm and not another.
     # load_config merges nested keyword dicts over the preset, so `extra` adds to it.
     return load_config(
@@ -90,7 +97,8 @@ def arm_config(arm: str, size: Size, seed: int, base_model: Path):
         validation_every=size.validation_every,
         data={"train_size": size.train_size, "valid_size": size.valid_size, "seed": 0},
         allocation={"n": size.n, "n_low": size.n_low, "n_high": size.n_high, "n_update": size.n_update},
-        training={"steps": size.steps, "batch_questions": size.batch_questions, "seed": seed},
+        training={"steps": size.steps, "batch_questions": size.batch_questions, "seed": seed}
+        | extra.pop("training", {}),
         **extra,
     )
 
@@ -165,6 +173,7 @@ def build_results(size: Size, arms: list[str], runs: dict, base_passk: dict, pas
                        "allocation_mode": arm_config(arm, size, 0, Path(".")).allocation.mode,
                        "summary": summaries[arm], "runs": arm_runs[arm]} for arm in arms},
         "reach_reference": compare_to_reference(summaries, arm_runs, REFERENCE_ARM),
+        "async_check": compare_async(summaries, arm_runs, SYNC_ARM, ASYNC_ARM),
     }
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from e3.bench.learning import compare_to_reference, mean_std, reduce_run, rollouts_to_reach, summarize_arm
+from e3.bench.learning import (compare_async, compare_to_reference, mean_std, reduce_run, rollouts_to_reach,
+                               summarize_arm, t_quantile)
 from e3.bench.learning_report import fmt, learning_markdown
 from e3.bench.plots import plot_learning
 
@@ -80,6 +81,31 @@ def test_arms_are_averaged_per_step_and_compared_with_grpo():
     assert compare_to_reference(arms, runs, "missing") is None
 
 
+def test_t_quantiles_match_the_published_table():
+    # Two-sided 95% critical values of Student's t, as every statistics table prints them.
+    for df, table in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)]:
+        assert t_quantile(0.975, df) == pytest.approx(table, abs=1e-3)
+    assert t_quantile(0.95, 5) == pytest.approx(2.015, abs=1e-3)
+    with pytest.raises(ValueError, match="df"):
+        t_quantile(0.975, 0)
+
+
+def test_the_asynchronous_arm_is_judged_against_the_lock_step_interval():
+    sync = arm_runs([[0.3, 0.40], [0.3, 0.42], [0.3, 0.44]], 1, True)  # final mean 0.42, std 0.02
+    close = arm_runs([[0.3, 0.43], [0.3, 0.44], [0.3, 0.45]], 1, True)  # mean 0.44
+    far = arm_runs([[0.3, 0.50], [0.3, 0.48], [0.3, 0.49]], 1, True)  # mean 0.49
+    arms = {"e3": summarize_arm(sync, KS), "close": summarize_arm(close, KS), "far": summarize_arm(far, KS)}
+    runs = {"e3": sync, "close": close, "far": far}
+    inside = compare_async(arms, runs, "e3", "close")
+    half = 4.303 * 0.02 / 3 ** 0.5  # t(0.975, 2) * std / sqrt(3) = 0.0497
+    assert inside["interval"] == pytest.approx([0.42 - half, 0.42 + half], abs=1e-4)
+    assert inside["within"] and inside["difference"] == pytest.approx(0.02)
+    assert not compare_async(arms, runs, "e3", "far")["within"]
+    assert compare_async(arms, runs, "e3", "missing") is None
+    one_seed = {"e3": summarize_arm(sync[:1], KS), "close": arms["close"]}
+    assert compare_async(one_seed, {"e3": sync[:1], "close": close}, "e3", "close") is None
+
+
 def test_seeds_with_different_step_grids_are_refused():
     runs = arm_runs([[0.4, 0.5, 0.6], [0.4, 0.5]], 1, False)
     with pytest.raises(ValueError, match="disagree"):
@@ -87,7 +113,8 @@ def test_seeds_with_different_step_grids_are_refused():
 
 
 def test_report_and_plots_are_written_from_the_results(tmp_path):
-    runs = {"grpo": arm_runs([[0.4, 0.45, 0.5]] * 2, 2, False), "e3": arm_runs([[0.4, 0.5, 0.6]] * 2, 1, True)}
+    runs = {"grpo": arm_runs([[0.4, 0.45, 0.5]] * 2, 2, False), "e3": arm_runs([[0.4, 0.5, 0.6]] * 2, 1, True),
+            "e3-async1": arm_runs([[0.4, 0.5, 0.62], [0.4, 0.5, 0.58]], 1, True)}
     arms = {name: summarize_arm(r, KS) for name, r in runs.items()}
     results = {
         "command": "python -m services.bench.learning --quick", "created_utc": "now", "git_commit": "abc",
@@ -98,6 +125,7 @@ def test_report_and_plots_are_written_from_the_results(tmp_path):
         "base_model": {"path": "base", "pass_at_k": passk(0.3)},
         "arms": {name: {"label": name.upper(), "summary": arms[name], "runs": runs[name]} for name in runs},
         "reach_reference": compare_to_reference(arms, runs, "grpo"),
+        "async_check": compare_async(arms, runs, "e3", "e3-async1"),
     }
     plots = plot_learning(results, tmp_path)
     assert [p.name for p in plots] == ["learning-accuracy.png", "learning-entropy-temperature.png",
@@ -105,5 +133,7 @@ def test_report_and_plots_are_written_from_the_results(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     text = learning_markdown(results, [p.name for p in plots])
     assert "| E3 | 0.600 ± 0.000 |" in text and "not reached" not in text
+    # e3's two seeds agree exactly, so its interval is the point 0.600 and e3-async1's mean lies on it.
+    assert "## Sampling one step ahead" in text and "[0.600, 0.600]" in text and "(+0.000), lies inside" in text
     assert "![learning-passk.png](learning-passk.png)" in text
     json.dumps(results, allow_nan=False)
