@@ -270,6 +270,10 @@ class Store(ABC):
         """(tasks finished: done or failed, tasks planned) for a step."""
 
     @abstractmethod
+    def finished_among(self, step: int, task_ids: Sequence[str]) -> int:
+        """How many of the step's tasks `task_ids` are finished (done or failed); ids it does not hold count 0."""
+
+    @abstractmethod
     def step_groups(self, step: int) -> list[bytes]:
         """The finished groups of a step, the bytes `complete` was given, in the order its tasks were planned."""
 

@@ -311,6 +311,11 @@ class MemoryStore(Store):
         with self._lock:
             return self._progress(step)
 
+    def finished_among(self, step: int, task_ids: Sequence[str]) -> int:
+        with self._lock:
+            groups, failed = self._groups.get(step, {}), self._failed.get(step, {})
+            return sum(1 for t in set(task_ids) if t in groups or t in failed)
+
     def step_groups(self, step: int) -> list[bytes]:
         with self._lock:
             groups = self._groups.get(step, {})

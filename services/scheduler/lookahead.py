@@ -3,8 +3,8 @@
 A part of SchedulerEngine (services.scheduler.engine), which holds the
 attributes annotated below. In lock-step (k = 0) a step is planned when the
 trainer reports its predecessor, and this part does nothing. With k >= 1 the
-next step is planned as soon as the last planned one has all its groups (and,
-for a two-round policy, both rounds), as long as it lies at most k steps past
+next step is planned as soon as the last planned one has all its training
+groups (and, for a two-round policy, both rounds), as long as it lies at most k steps past
 the step being trained (state.step, the oldest not yet reported). Replicas
 then sample steps s + 1 .. s + k while the trainer trains step s.
 
@@ -48,17 +48,19 @@ class Lookahead:
     _signal_work: Callable[[], None]
     _plan: Callable[[int, RunState], bool]
     rounds_settled: Callable[[int], bool]
+    training_finished: Callable[[int, int], bool]
 
     def planned_through(self) -> int:
         """The latest step planned (the current one in lock-step)."""
         return max([self.state.step, *(int(k) for k in self.state.allocations)])
 
     def _step_has_all_groups(self, step: int) -> bool:
+        """Its training groups, that is: validation groups never touch the statistics a plan reads."""
         done, total = self.store.step_progress(step)
-        return total > 0 and done == total and self.rounds_settled(step)
+        return total > 0 and (done == total or self.training_finished(step, done)) and self.rounds_settled(step)
 
     def _plan_ahead(self) -> list[int]:
-        """Plan every step the bound allows whose predecessor has all its groups; the steps planned now."""
+        """Plan every step the bound allows whose predecessor has all its training groups; the steps planned now."""
         ahead = self.config.training.max_async_level
         if not ahead:
             return []

@@ -17,7 +17,26 @@ from e3.core.policies import GroupRecord
 from e3.store.base import Store, StepAlreadyPlanned, TaskRecord
 from e3.tasks.question import Question
 from services.scheduler import validation
+from services.scheduler.rounds import round_task_id
 from services.scheduler.run_state import ALLOCATION_HISTORY, RunState
+
+
+def training_task_id(step: int, index: int) -> str:
+    """The first-round task of the plan's question `index` (a skipping policy leaves gaps in the numbering)."""
+    return f"s{step}-{index}"
+
+
+def training_task_ids(step: int, record: dict) -> list[str]:
+    """Every training task a planned step's allocation record queued, in each of its rounds.
+
+    A two-round record names its second round only once it is planned
+    (rounds_settled); the validation tasks beside them are not among these.
+    """
+    rounds = record.get("rounds") or [record["counts"]]
+    ids = [training_task_id(step, i) for i, count in enumerate(rounds[0]) if count]
+    if len(rounds) > 1:
+        ids += [round_task_id(step, i) for i, count in enumerate(rounds[1]) if count]
+    return ids
 
 
 class Planning:
@@ -64,7 +83,7 @@ class Planning:
         # A task per sampled question, numbered by its place in the plan (a skipping policy leaves gaps).
         tasks = [
             TaskRecord(
-                task_id=f"s{step}-{i}",
+                task_id=training_task_id(step, i),
                 step=step,
                 question_id=qid,
                 num_samples=count,

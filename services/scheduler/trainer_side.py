@@ -11,10 +11,17 @@ unless it is the current one, so a trainer left running beside its
 replacement (a Job pod in its grace period) cannot report a step or pull
 the next one; it learns so and stops.
 
-A report is adopted only when the store holds every task the step planned,
-each finished; a report of a step already adopted is answered as applied
-only when it is the same report (policy version, weights path, skipped),
-as a restarted trainer re-sends it, and refused otherwise.
+A training step's batch goes to the trainer once its training tasks are
+finished, while its validation tasks (services.scheduler.validation) may
+still be out: the trainer trains while the replicas validate. The report is
+adopted only when the store holds every task the step planned, each
+finished, so the replicas stay on the step's policy until its validation is
+in (they learn of a new policy from the adopted state); a report that comes
+while only validation is out waits for it (up to REPORT_WAIT_S), and its
+acknowledgement carries the validation's summary. A report of a step
+already adopted is answered as applied only when it is the same report
+(policy version, weights path, skipped), as a restarted trainer re-sends
+it, and refused otherwise.
 """
 
 from __future__ import annotations
@@ -36,9 +43,14 @@ from e3.store.base import Store, StoreUnavailable
 from services.scheduler import stored_groups, validation
 from services.scheduler.failures import absorb_step_failures
 from services.scheduler.messages import SchedulerError, StepReport
+from services.scheduler.planning import training_task_ids
 from services.scheduler.run_state import ALLOCATION_HISTORY, RunState
 
 log = logging.getLogger("scheduler")
+
+# How long a report waits for its step's last validation groups before it is refused as incomplete
+# (the trainer then asks again): under the trainer's 30 s deadline for the call.
+REPORT_WAIT_S = 20.0
 
 
 class TrainerSide:
@@ -90,8 +102,11 @@ class TrainerSide:
     def wait_for_batch(self, step: int, wait_s: float, trainer_epoch: int | None = None) -> dict:
         """The finished batch of `step`, waiting up to wait_s for its last groups.
 
-        "groups" are the training groups only; "validation" summarises the
-        step's validation groups (empty when none was due).
+        "groups" are the training groups only. The batch is ready when the
+        training tasks are finished (and, for a two-round policy, both rounds
+        planned); "validation" summarises the step's validation groups when
+        all of them are in by then, and is empty when some are still out (the
+        report's acknowledgement carries it) or none was due.
         """
         self._check_live()
         with self._lock:
@@ -107,7 +122,7 @@ class TrainerSide:
         with self._step_complete:
             while True:
                 done, total = self.store.step_progress(step)
-                if total and done == total:
+                if total and (done == total or self.training_finished(step, done)):
                     if self.rounds_settled(step):
                         break
                     if self._advance_round(step, done):
@@ -127,6 +142,7 @@ class TrainerSide:
         failed = self.store.step_failures(step)
         training = self._trained(stored_groups.merge_rounds(
             [g for g in groups if validation.split_of(g["task_id"]) is None]))
+        validation_in = len(groups) + len(failed) == self.store.step_progress(step)[1]
         if self.state.step != step:  # adopted meanwhile (a report raced this read): its groups are gone
             raise SchedulerError("failed_precondition", f"step {step} is already trained (current step is "
                                  f"{self.state.step})")
@@ -135,9 +151,37 @@ class TrainerSide:
             "policy_version": record.get("policy_version", state.policy_version),
             "temperature": record.get("temperature", state.step_temperature(self.config.temperature)),
             "groups": training,
-            "validation": validation.summarize(groups),
-            "failed_tasks": failed,
+            "validation": validation.summarize(groups) if validation_in else {},
+            "failed_tasks": [f for f in failed if validation.split_of(f["task_id"]) is None],
         }
+
+    def training_finished(self, step: int, finished: int) -> bool:
+        """Whether every training task of a planned training step is finished, its validation tasks aside.
+
+        `finished`: the step's finished task count (step_progress), which
+        must reach the training task count before the store is asked which.
+        The final validation step has no training tasks: False, it waits
+        for all of its tasks.
+        """
+        record = self.state.allocations.get(str(step))
+        if record is None or step >= self.config.training.steps:
+            return False
+        ids = training_task_ids(step, record)
+        return finished >= len(ids) and self.store.finished_among(step, ids) == len(ids)
+
+    def _await_validation(self, step: int) -> None:
+        """Wait (up to REPORT_WAIT_S) while the step's training tasks are in but some validation task is out.
+
+        Caller holds the lock, which the wait gives up; nothing waits when a
+        training task is still out (_check_step_complete refuses the report).
+        """
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while not self.halted:
+            done, total = self.store.step_progress(step)
+            remaining = deadline - time.monotonic()
+            if done == total or remaining <= 0 or not self.training_finished(step, done):
+                return
+            self._step_complete.wait(min(remaining, 0.5))
 
     def report(self, report: StepReport) -> dict:
         """Absorb the trainer's report of the current step and plan the next one.
@@ -153,11 +197,15 @@ class TrainerSide:
             step, version = self.state.step, self.state.policy_version
             if report.step == step - 1 and self.state.reports and self.state.reports[-1]["step"] == report.step:
                 self._check_same_report(self.state.reports[-1], report)
-                return self._ack()  # a retried report: already applied
+                return self._ack(self.state.reports[-1].get("validation"))  # a retried report: already applied
             if self.state.finished and (self.state.final_validation or {}).get("step") == report.step:
-                return self._ack()  # a retried report of the final validation step
+                return self._ack(self.state.final_validation)  # a retried report of the final validation step
             if report.step != step:
                 raise SchedulerError("failed_precondition", f"report for step {report.step}, but the current step is {step}")
+            self._await_validation(step)
+            if self.state.step != step:  # moved on while this waited (a trainer's retry of this report, say)
+                raise SchedulerError("failed_precondition", f"report for step {report.step}, but the current step "
+                                     f"is {self.state.step}")
             self._check_step_complete(step)
             if report.new_policy_version not in (version, version + 1):
                 raise SchedulerError(
@@ -239,7 +287,7 @@ class TrainerSide:
                     self.observer.on_plan(new.allocations[str(next_step)])
                 self.observer.on_report(entry, self)
             self._plan_ahead()  # max_async_level >= 1: the step after it may now be planned too
-            return self._ack()
+            return self._ack(measured)
 
     def _trained(self, groups: list[dict]) -> list[dict]:
         """The groups the trainer gets: all, except that dapo drops the all-same ones (DAPO's dynamic sampling).
@@ -270,7 +318,7 @@ class TrainerSide:
         self._signal_work()
         if self.observer and measured:
             self.observer.on_validation(measured)
-        return self._ack()
+        return self._ack(measured)
 
     def _check_step_complete(self, step: int) -> None:
         """Refuse to adopt a step unless the store holds every task it planned, each finished. Caller holds the lock."""
@@ -284,7 +332,9 @@ class TrainerSide:
                                  f"{planned if planned is not None else 'some'} were planned: the store lost them; "
                                  f"the scheduler plans them again (ask again)")
         if done != total:
-            raise SchedulerError("failed_precondition", f"step {step} is not complete ({done} of {total} groups)")
+            out = "its validation" if self.training_finished(step, done) else "groups"
+            raise SchedulerError("failed_precondition", f"step {step} is not complete ({done} of {total} groups; "
+                                 f"{out} still out)")
         if not self.rounds_settled(step):
             raise SchedulerError("failed_precondition", f"step {step} has finished its first round; its second "
                                  f"round is being planned (ask again)")
@@ -299,10 +349,14 @@ class TrainerSide:
                                  f"{ours[1]!r} (skipped: {ours[2]}); this report says v{theirs[0]} at {theirs[1]!r} "
                                  f"(skipped: {theirs[2]}): it is not the adopted report")
 
-    def _ack(self) -> dict:
+    def _ack(self, measured: dict | None = None) -> dict:
+        """What a report is answered with; `measured`: the reported step's validation summary (fields
+        val_accuracy..., as validation.summarize gives them; a recorded one's "step" and
+        "policy_version" are left out)."""
         return {
             "next_step": self.state.step,
             "next_temperature": self.temperature,
             "finished": self.state.finished,
             "entropy_target": self.state.temperature.target_entropy or 0.0,
+            "validation": {k: float(v) for k, v in (measured or {}).items() if k not in ("step", "policy_version")},
         }

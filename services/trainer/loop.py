@@ -23,8 +23,9 @@ then train it together, gather the new policy for rank 0 to publish, and
 write their shards of the checkpoint.
 
 Validation is not run here: the replicas sample it with each step's policy
-(services.scheduler.validation) and its pass@1 arrives with the batch; the
-trainer writes it to metrics.jsonl (phase "baseline" for the base policy,
+(services.scheduler.validation) and its pass@1 arrives with the batch, or,
+when some of it was still out as the batch left (the batch goes once the
+training tasks are in), with the step's acknowledgement; the trainer writes it to metrics.jsonl (phase "baseline" for the base policy,
 "validation" after that) and, after the last step, reports the final
 validation step (no update) that the scheduler plans.
 
@@ -297,7 +298,8 @@ class Trainer:
             if batch is None:
                 break
             batch["wait_s"] = time.perf_counter() - waited
-            self._record_validation(step, batch)
+            self._record_validation(step, batch["validation"], batch["policy_version"], self.progress.rollouts_trained,
+                                    self.progress.tokens_trained)
             if step >= t.steps:
                 self._finish_validation_step(step)
                 break
@@ -337,20 +339,24 @@ class Trainer:
         if ack.finished:
             self.progress.finished = True
 
-    def _record_validation(self, step: int, batch: dict) -> None:
+    def _record_validation(self, step: int, measured: dict, policy_version: int, rollouts_total: int,
+                           tokens_total: int) -> None:
         """Write the validation the replicas measured with step `step`'s policy (after `step` updates).
 
-        The line's "step" is the last step trained into that policy (-1 for
-        the base policy, phase "baseline"), as every reader of metrics.jsonl expects.
+        It comes with the batch when all of it was in by then, else with the
+        step's acknowledgement; a step's is written once either way. The
+        line's "step" is the last step trained into that policy (-1 for the
+        base policy, phase "baseline"), as every reader of metrics.jsonl
+        expects, and its totals are those trained before step `step`.
         """
-        if not batch["validation"]:
+        if not measured:
             return
         trained = step - 1
         if trained in self._recorded_steps(phases=("baseline", "validation")):
-            return  # a restarted trainer pulling the same step again
+            return  # came with the batch already, or a restarted trainer pulling the same step again
         record = {"step": trained, "phase": "baseline" if step == 0 else "validation",
-                  "policy_version": batch["policy_version"], "rollouts_total": self.progress.rollouts_trained,
-                  "tokens_total": self.progress.tokens_trained, "time": time.time()} | batch["validation"]
+                  "policy_version": policy_version, "rollouts_total": rollouts_total,
+                  "tokens_total": tokens_total, "time": time.time()} | measured
         with self.paths.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.tracker.log(trained, record)
@@ -360,12 +366,18 @@ class Trainer:
         report = {"step": step, "entropy": 1e-6, "loss": 0.0, "new_policy_version": self.progress.policy_version,
                   "weights_path": "", "skipped": True, "metrics": {}}
         ack = self.scheduler.send_report(report)
+        self._record_validation(step, dict(ack.validation), self.progress.policy_version,
+                                self.progress.rollouts_trained, self.progress.tokens_trained)
         self.progress.next_step = step + 1
         self.progress.finished = bool(ack.finished)
         self.status.update(step=self.progress.next_step, policy_version=self.progress.policy_version)
 
     def _acknowledge(self, ack: pb.StepAck, record: dict | None) -> None:
         if record is not None:
+            # The step's validation, if its batch came before it was all in; sampled before this step trained.
+            self._record_validation(record["step"], dict(ack.validation), record["sampled_policy_version"],
+                                    self.progress.rollouts_trained - record["rollouts"],
+                                    self.progress.tokens_trained - record["tokens"])
             record |= {
                 "next_temperature": ack.next_temperature,
                 "entropy_target": ack.entropy_target or None,

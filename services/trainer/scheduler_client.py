@@ -127,7 +127,10 @@ class SchedulerClient:
     def send_report(self, report: dict) -> pb.StepAck:
         """Report a step; retried while the scheduler is unavailable, and while it says the step is incomplete.
 
-        A step the trainer took whole can be incomplete again only if the
+        The batch came once the step's training tasks were in; its validation
+        tasks may still be out, and the scheduler holds the report until they
+        are in (retried here if that takes longer than its wait). Otherwise a
+        step the trainer took whole can be incomplete again only if the
         scheduler's store lost acknowledged groups after the batch was sent
         (Redis restored from an older copy: docs/reliability.md). The lost
         tasks are sampled again and the report is adopted once they are in.
@@ -144,6 +147,10 @@ class SchedulerClient:
                     raise TrainerSuperseded(exc.details()) from exc
                 if not _incomplete(exc):
                     raise
+                if "its validation still out" in (exc.details() or ""):
+                    log.info("step %d: %s; asking again", report["step"], exc.details())  # slow validation, no loss
+                    time.sleep(0.1)  # the scheduler itself waited for it; ask again
+                    continue
                 if time.monotonic() - warned > 30:
                     log.warning("step %d: the scheduler says %r after this trainer took the whole batch: its store "
                                 "lost groups; waiting for them to be sampled again", report["step"], exc.details())

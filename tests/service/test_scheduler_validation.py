@@ -7,6 +7,7 @@ and submitting every task, validation ones included) and the trainer.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -33,7 +34,15 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("scheduler-validation")
+    yield from start_scheduler(tmp_path_factory.mktemp("scheduler-validation"))
+
+
+@pytest.fixture
+def fresh_scheduler(tmp_path):
+    yield from start_scheduler(tmp_path)
+
+
+def start_scheduler(tmp):
     http_port, grpc_port = free_port(), free_port()
     config = CONFIG | {"scheduler": {"http_port": http_port, "grpc_port": grpc_port}, "run_dir": str(tmp / "run")}
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
@@ -134,3 +143,42 @@ def test_validation_rides_with_the_due_steps_and_never_trains(scheduler):
     assert f"e3_validation_rollouts_total {3 * 2 * VALID * SAMPLES}.0" in metrics
     assert f"e3_rollouts_generated_total {STEPS * 8}.0" in metrics
     assert 'e3_validation_accuracy{level="all"} 1.0' in metrics
+
+
+def test_the_batch_leaves_before_validation_is_in_and_the_report_waits_for_it(fresh_scheduler):
+    context = fresh_scheduler
+    stub, http = context["stub"], context["http"]
+    tasks = lease_everything(stub)
+    validation = [t for t in tasks if "-val-" in t.task_id or "-practice-" in t.task_id]
+    training = [t for t in tasks if t not in validation]
+    assert len(training) == 4 and len(validation) == 2 * VALID
+    submit_all(stub, training)
+    chunks = pull(stub, 0)  # the trainer trains while the replicas validate
+    assert sum(len(c.groups) for c in chunks) == 4 and all(dict(c.validation) == {} for c in chunks)
+    report = pb.StepReport(trainer_epoch=1, trainer_id="t", step=0, entropy=1.0, loss=0.1, new_policy_version=1,
+                           weights_path=str(context["weights"] / "v1"))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(stub.ReportStep, report, timeout=30)
+        time.sleep(1.0)
+        assert not pending.done(), "a report was adopted while its step's validation was out"
+        state = httpx.get(f"{http}/v1/state").json()
+        assert state["step"] == 0 and state["policy_version"] == 0  # the replicas stay on the validated policy
+        submit_all(stub, validation[:-1])
+        assert not pending.done()
+        submit_all(stub, validation[-1:])
+        ack = pending.result(timeout=10)
+    assert ack.next_step == 1 and dict(ack.validation) == dict(stub.ReportStep(report).validation)  # and retried
+    measured = dict(ack.validation)
+    assert measured["val_accuracy"] == 1.0 and measured["train_accuracy"] == 0.0
+    assert measured["val_questions"] == VALID and measured["practice_questions"] == VALID
+    # Step 1 carries no validation: its batch and its ack say none.
+    later = lease_everything(stub)
+    assert all(t.step == 1 and t.policy_version == 1 for t in later)
+    with pytest.raises(grpc.RpcError) as err:  # a training task out: refused at once, no waiting
+        stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=1, entropy=1.0, new_policy_version=2,
+                                      weights_path=str(context["weights"] / "v2")), timeout=5)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "groups still out" in err.value.details()
+    submit_all(stub, later)
+    pull(stub, 1)
+    assert dict(stub.ReportStep(pb.StepReport(trainer_epoch=1, trainer_id="t", step=1, entropy=1.0, new_policy_version=2,
+                                              weights_path=str(context["weights"] / "v2"))).validation) == {}

@@ -199,6 +199,19 @@ def test_step_progress_and_groups_follow_plan_order(store):
     assert store.step_progress(8) == (0, 0) and store.step_groups(8) == []
 
 
+def test_finished_among_counts_done_and_failed_tasks_of_that_step_only(store):
+    store.plan_step(3, make_tasks(3, 4))
+    store.plan_step(4, make_tasks(4, 1))
+    leased = {t.task_id: t for t in drain(store)}
+    store.complete("t3-0", b"0", [1.0])
+    store.fail("t3-1", leased["t3-1"].lease_id, "r", "timeout", "", max_failures=1)  # finished: failed for good
+    store.complete("t4-0", b"0", [1.0])
+    assert store.finished_among(3, ["t3-0", "t3-1", "t3-2", "t3-3"]) == 2
+    assert store.finished_among(3, ["t3-2", "t3-3"]) == 0
+    assert store.finished_among(3, ["t3-0", "t3-0", "t4-0", "nope"]) == 1  # another step's task, an unknown id
+    assert store.finished_among(3, []) == 0
+
+
 def test_drop_step_forgets_tasks_and_groups_but_keeps_statistics(store):
     store.plan_step(1, make_tasks(1, 4))
     store.plan_step(2, make_tasks(2, 2))
