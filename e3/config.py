@@ -467,6 +467,11 @@ class E3Config(_Section):
         True, description="also measure pass@1 on as many of the training questions (train_accuracy)")
     validation_samples: int = Field(8, ge=1, description="samples per validation question for pass@1 (mean over samples)")
     validation_temperature: float = Field(1.0, gt=0, description="fixed sampling temperature of the validation pass@1")
+    validation_beside_training: bool = Field(
+        False, description="hand a step's batch to the trainer once its training tasks are in, so that it trains "
+        "while the replicas validate; the step's report is still adopted (and the replicas move to the new policy) "
+        "only once the validation is in. Off by default: on a machine whose trainer and replicas share the CPU "
+        "cores the two only slow each other (docs/training.md); on by default in the paper presets")
     data: DataConfig = DataConfig()
     allocation: AllocationConfig = AllocationConfig()
     temperature: TemperatureSettings = TemperatureSettings()
@@ -507,6 +512,8 @@ _PAPER_RUN: dict[str, Any] = {
     # practice set: at 6k-token responses every validation sample costs a rollout.
     "validation_samples": 1,
     "validation_practice": False,
+    # The trainer's GPUs are not the replicas': train while the replicas validate.
+    "validation_beside_training": True,
     "data": {"task": "files", "reward": "math"},
     "allocation": {"mode": "e3", "n": 8, "n_low": 4, "n_high": 12, "n_update": 2, "rerank": "epoch"},
     "temperature": {"control": True, "initial": 1.0, "init_steps": 1, "annealing": True,

@@ -11,14 +11,15 @@ unless it is the current one, so a trainer left running beside its
 replacement (a Job pod in its grace period) cannot report a step or pull
 the next one; it learns so and stops.
 
-A training step's batch goes to the trainer once its training tasks are
-finished, while its validation tasks (services.scheduler.validation) may
-still be out: the trainer trains while the replicas validate. The report is
-adopted only when the store holds every task the step planned, each
-finished, so the replicas stay on the step's policy until its validation is
-in (they learn of a new policy from the adopted state); a report that comes
-while only validation is out waits for it (up to REPORT_WAIT_S), and its
-acknowledgement carries the validation's summary. A report of a step
+With validation_beside_training, a training step's batch goes to the
+trainer once its training tasks are finished, while its validation tasks
+(services.scheduler.validation) may still be out: the trainer trains while
+the replicas validate. A report is adopted only when the store holds every
+task the step planned, each finished, so the replicas stay on the step's
+policy until its validation is in (they learn of a new policy from the
+adopted state); a report that comes while only validation is out waits for
+it (up to REPORT_WAIT_S). Its acknowledgement carries the step's validation
+summary. A report of a step
 already adopted is answered as applied only when it is the same report
 (policy version, weights path, skipped), as a restarted trainer re-sends
 it, and refused otherwise.
@@ -102,9 +103,10 @@ class TrainerSide:
     def wait_for_batch(self, step: int, wait_s: float, trainer_epoch: int | None = None) -> dict:
         """The finished batch of `step`, waiting up to wait_s for its last groups.
 
-        "groups" are the training groups only. The batch is ready when the
-        training tasks are finished (and, for a two-round policy, both rounds
-        planned); "validation" summarises the step's validation groups when
+        "groups" are the training groups only. The batch is ready when every
+        task is finished, or with validation_beside_training when the training
+        tasks are (and, for a two-round policy, both rounds planned);
+        "validation" summarises the step's validation groups when
         all of them are in by then, and is empty when some are still out (the
         report's acknowledgement carries it) or none was due.
         """
@@ -122,7 +124,8 @@ class TrainerSide:
         with self._step_complete:
             while True:
                 done, total = self.store.step_progress(step)
-                if total and (done == total or self.training_finished(step, done)):
+                early = self.config.validation_beside_training and self.training_finished(step, done)
+                if total and (done == total or early):
                     if self.rounds_settled(step):
                         break
                     if self._advance_round(step, done):

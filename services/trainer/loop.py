@@ -24,10 +24,12 @@ write their shards of the checkpoint.
 
 Validation is not run here: the replicas sample it with each step's policy
 (services.scheduler.validation) and its pass@1 arrives with the batch, or,
-when some of it was still out as the batch left (the batch goes once the
-training tasks are in), with the step's acknowledgement; the trainer writes it to metrics.jsonl (phase "baseline" for the base policy,
-"validation" after that) and, after the last step, reports the final
-validation step (no update) that the scheduler plans.
+when some of it was still out as the batch left (with
+validation_beside_training the batch goes once the training tasks are in),
+with the step's acknowledgement; the trainer writes it to metrics.jsonl
+(phase "baseline" for the base policy, "validation" after that) and, after
+the last step, reports the final validation step (no update) that the
+scheduler plans.
 
 One trainer per run: rank 0 registers with the scheduler first thing and
 gets the run's next trainer epoch, which supersedes any trainer still

@@ -62,6 +62,8 @@ def finished_run(tmp_path_factory, redis_server):
         training={"steps": STEPS + 1, "batch_questions": 8},
         allocation={"n": 4, "n_low": 2, "n_high": 6, "n_update": 2},
         validation_every=2,
+        # The trainer trains while the replicas validate; the validation comes with the step's ack.
+        validation_beside_training=True,
         scheduler={"run_id": "e2e-training-loop"},  # its own keys on the session's Redis
         # Two trainer ranks (torchrun, FSDP2 on gloo): the bookkeeping below must hold as with one.
         **(GPU_SETTINGS if GPU else {"generation": {"replicas": 2}, "trainer": {"local_ranks": 2, "threads": 1}}),

@@ -39,12 +39,12 @@ def scheduler(tmp_path_factory):
 
 @pytest.fixture
 def fresh_scheduler(tmp_path):
-    yield from start_scheduler(tmp_path)
+    yield from start_scheduler(tmp_path, validation_beside_training=True)
 
 
-def start_scheduler(tmp):
+def start_scheduler(tmp, **settings):
     http_port, grpc_port = free_port(), free_port()
-    config = CONFIG | {"scheduler": {"http_port": http_port, "grpc_port": grpc_port}, "run_dir": str(tmp / "run")}
+    config = CONFIG | settings | {"scheduler": {"http_port": http_port, "grpc_port": grpc_port}, "run_dir": str(tmp / "run")}
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     proc = ServiceProcess("scheduler", ["services.scheduler", "--config", str(tmp / "config.yaml"), "--vocab-size", "54"], tmp)
     proc.wait_http(f"http://127.0.0.1:{http_port}/readyz")
@@ -93,7 +93,12 @@ def test_validation_rides_with_the_due_steps_and_never_trains(scheduler):
         tasks = lease_everything(stub)
         validation = [t for t in tasks if "-val-" in t.task_id or "-practice-" in t.task_id]
         seen[step] = validation
-        submit_all(stub, tasks)
+        submit_all(stub, [t for t in tasks if t not in validation])
+        if validation:  # validation_beside_training is off: the trainer waits for the validation too
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.StreamBatch(pb.BatchRequest(trainer_epoch=1, trainer_id="t", step=step, wait_s=0.5)))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "groups" in err.value.details()
+        submit_all(stub, validation)
         chunks = pull(stub, step)
         groups = [g for c in chunks for g in c.groups]
         # The trainer gets the training groups only: 4 questions x 2 rollouts.
