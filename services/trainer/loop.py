@@ -342,7 +342,7 @@ class Trainer:
             self.progress.finished = True
 
     def _record_validation(self, step: int, measured: dict, policy_version: int, rollouts_total: int,
-                           tokens_total: int) -> None:
+                           tokens_total: int) -> bool:
         """Write the validation the replicas measured with step `step`'s policy (after `step` updates).
 
         It comes with the batch when all of it was in by then, else with the
@@ -352,16 +352,17 @@ class Trainer:
         expects, and its totals are those trained before step `step`.
         """
         if not measured:
-            return
+            return False
         trained = step - 1
         if trained in self._recorded_steps(phases=("baseline", "validation")):
-            return  # came with the batch already, or a restarted trainer pulling the same step again
+            return False  # came with the batch already, or a restarted trainer pulling the same step again
         record = {"step": trained, "phase": "baseline" if step == 0 else "validation",
                   "policy_version": policy_version, "rollouts_total": rollouts_total,
                   "tokens_total": tokens_total, "time": time.time()} | measured
         with self.paths.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.tracker.log(trained, record)
+        return True
 
     def _finish_validation_step(self, step: int) -> None:
         """Report the final validation step: nothing to train, the policy stays."""
@@ -377,9 +378,11 @@ class Trainer:
     def _acknowledge(self, ack: pb.StepAck, record: dict | None) -> None:
         if record is not None:
             # The step's validation, if its batch came before it was all in; sampled before this step trained.
-            self._record_validation(record["step"], dict(ack.validation), record["sampled_policy_version"],
-                                    self.progress.rollouts_trained - record["rollouts"],
-                                    self.progress.tokens_trained - record["tokens"])
+            if self._record_validation(record["step"], dict(ack.validation), record["sampled_policy_version"],
+                                       self.progress.rollouts_trained - record["rollouts"],
+                                       self.progress.tokens_trained - record["tokens"]):
+                log.info("step %d: its validation came with the acknowledgement (the batch left before it was in)",
+                         record["step"])
             record |= {
                 "next_temperature": ack.next_temperature,
                 "entropy_target": ack.entropy_target or None,

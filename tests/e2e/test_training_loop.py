@@ -34,7 +34,7 @@ GPU = os.environ.get("E3_E2E_DEVICE", "cpu") == "cuda"
 TRAINER_RANKS = 2 if not GPU or torch.cuda.device_count() >= 2 else 1
 GPU_SETTINGS = {
     "trainer": {"device": "cuda", "dtype": "bfloat16", "local_ranks": TRAINER_RANKS},
-    "generation": {"replicas": 2, "dtype": "bfloat16", "gpu_memory_utilization": 0.2},
+    "generation": {"replicas": 2, "max_tasks_per_lease": 8, "dtype": "bfloat16", "gpu_memory_utilization": 0.2},
 }
 
 
@@ -66,7 +66,10 @@ def finished_run(tmp_path_factory, redis_server):
         validation_beside_training=True,
         scheduler={"run_id": "e2e-training-loop"},  # its own keys on the session's Redis
         # Two trainer ranks (torchrun, FSDP2 on gloo): the bookkeeping below must hold as with one.
-        **(GPU_SETTINGS if GPU else {"generation": {"replicas": 2}, "trainer": {"local_ranks": 2, "threads": 1}}),
+        # Leases of 8 tasks: a step's 8 training tasks fill the first one, its 72 validation tasks the
+        # rest, so the batch leaves while validation is still out.
+        **(GPU_SETTINGS if GPU else {"generation": {"replicas": 2, "max_tasks_per_lease": 8},
+                                     "trainer": {"local_ranks": 2, "threads": 1}}),
     )
     running = start_stack(config, run_dir)
     try:
@@ -179,6 +182,11 @@ def test_scheduler_state_matches_the_run(finished_run):
     assert [(r["phase"], r["step"]) for r in evals] == [("baseline", -1), ("validation", 1), ("validation", 3),
                                                          ("validation", STEPS)]
     assert [r["policy_version"] for r in evals] == [0, 2, 4, STEPS + 1]
+    # Each line carries the totals trained before its policy was measured, whichever way it came;
+    # at least one came with its step's acknowledgement rather than with the batch.
+    totals = {r["step"]: r["rollouts_total"] for r in train}
+    assert [r["rollouts_total"] for r in evals] == [0] + [totals[r["step"]] for r in evals[1:]]
+    assert "came with the acknowledgement" in (finished_run["run_dir"] / "logs" / "trainer.log").read_text()
     assert all(r["val_questions"] == 40 and r["practice_questions"] == 32 for r in evals)
     assert state["validation"]["policy_version"] == STEPS + 1
     assert state["validation"]["val_accuracy"] == pytest.approx(evals[-1]["val_accuracy"])
