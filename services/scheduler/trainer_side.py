@@ -124,8 +124,8 @@ class TrainerSide:
         with self._step_complete:
             while True:
                 done, total = self.store.step_progress(step)
-                early = self.config.validation_beside_training and self.training_finished(step, done)
-                if total and (done == total or early):
+                if total and (done == total or (self.config.validation_beside_training
+                                                and self.training_finished(step, done))):
                     if self.rounds_settled(step):
                         break
                     if self._advance_round(step, done):
@@ -206,9 +206,8 @@ class TrainerSide:
             if report.step != step:
                 raise SchedulerError("failed_precondition", f"report for step {report.step}, but the current step is {step}")
             self._await_validation(step)
-            if self.state.step != step:  # moved on while this waited (a trainer's retry of this report, say)
-                raise SchedulerError("failed_precondition", f"report for step {report.step}, but the current step "
-                                     f"is {self.state.step}")
+            if self.state.step != step:  # adopted while this waited (a retry of this very report, say): ask afresh
+                return self.report(report)
             self._check_step_complete(step)
             if report.new_policy_version not in (version, version + 1):
                 raise SchedulerError(

@@ -162,17 +162,21 @@ def test_the_batch_leaves_before_validation_is_in_and_the_report_waits_for_it(fr
     assert sum(len(c.groups) for c in chunks) == 4 and all(dict(c.validation) == {} for c in chunks)
     report = pb.StepReport(trainer_epoch=1, trainer_id="t", step=0, entropy=1.0, loss=0.1, new_policy_version=1,
                            weights_path=str(context["weights"] / "v1"))
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         pending = pool.submit(stub.ReportStep, report, timeout=30)
-        time.sleep(1.0)
-        assert not pending.done(), "a report was adopted while its step's validation was out"
+        time.sleep(0.5)
+        retried = pool.submit(stub.ReportStep, report, timeout=30)  # the same report again, as after a lost reply
+        time.sleep(0.5)
+        assert not pending.done() and not retried.done(), "a report was adopted while its step's validation was out"
         state = httpx.get(f"{http}/v1/state").json()
         assert state["step"] == 0 and state["policy_version"] == 0  # the replicas stay on the validated policy
         submit_all(stub, validation[:-1])
         assert not pending.done()
         submit_all(stub, validation[-1:])
-        ack = pending.result(timeout=10)
-    assert ack.next_step == 1 and dict(ack.validation) == dict(stub.ReportStep(report).validation)  # and retried
+        ack, again = pending.result(timeout=10), retried.result(timeout=10)
+    # Both waiting calls are answered as one adoption, and so is a later retry.
+    assert ack.next_step == again.next_step == 1 and httpx.get(f"{http}/v1/state").json()["step"] == 1
+    assert dict(ack.validation) == dict(again.validation) == dict(stub.ReportStep(report).validation)
     measured = dict(ack.validation)
     assert measured["val_accuracy"] == 1.0 and measured["train_accuracy"] == 0.0
     assert measured["val_questions"] == VALID and measured["practice_questions"] == VALID
