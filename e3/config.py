@@ -178,7 +178,7 @@ class TrainingConfig(_Section):
     max_async_level: int = Field(
         0, ge=0, le=8, description="k: how many steps sampling may run ahead of training. 0: lock-step (a step "
         "is planned when the previous one is reported). k >= 1: the next step is planned as soon as the last "
-        "planned one has all its groups, up to k steps past the one being trained, so a trained group is at "
+        "planned one has all its training groups, up to k steps past the one being trained, so a trained group is at "
         "most k policy versions old (docs/training.md, 'Asynchronous rollouts')")
     behaviour_weight_cap: float = Field(
         2.0, ge=1.0, description="groups sampled by an older policy (max_async_level >= 1) are weighted per token "
