@@ -4,8 +4,9 @@ A part of SchedulerEngine (services.scheduler.engine), which holds the
 attributes annotated below. In lock-step (k = 0) a step is planned when the
 trainer reports its predecessor, and this part does nothing. With k >= 1 the
 next step is planned as soon as the last planned one has all its training
-groups (and, for a two-round policy, both rounds), as long as it lies at most k steps past
-the step being trained (state.step, the oldest not yet reported). Replicas
+groups (and, for a two-round policy, both rounds), as long as it lies at
+most k steps past the step being trained (state.step, the oldest not yet
+reported). Replicas
 then sample steps s + 1 .. s + k while the trainer trains step s.
 
 What is fixed when: a step's batch, allocation, temperature and policy

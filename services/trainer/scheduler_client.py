@@ -127,9 +127,10 @@ class SchedulerClient:
     def send_report(self, report: dict) -> pb.StepAck:
         """Report a step; retried while the scheduler is unavailable, and while it says the step is incomplete.
 
-        The batch came once the step's training tasks were in; its validation
-        tasks may still be out, and the scheduler holds the report until they
-        are in (retried here if that takes longer than its wait). Otherwise a
+        With validation_beside_training the batch came once the step's training
+        tasks were in; its validation tasks may still be out, and the scheduler
+        holds the report until they are in (retried here if that takes longer
+        than its wait). Otherwise a
         step the trainer took whole can be incomplete again only if the
         scheduler's store lost acknowledged groups after the batch was sent
         (Redis restored from an older copy: docs/reliability.md). The lost
