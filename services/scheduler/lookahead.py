@@ -6,8 +6,8 @@ trainer reports its predecessor, and this part does nothing. With k >= 1 the
 next step is planned as soon as the last planned one has all its training
 groups (and, for a two-round policy, both rounds), as long as it lies at
 most k steps past the step being trained (state.step, the oldest not yet
-reported). Replicas
-then sample steps s + 1 .. s + k while the trainer trains step s.
+reported). Replicas then sample steps s + 1 .. s + k while the trainer
+trains step s.
 
 What is fixed when: a step's batch, allocation, temperature and policy
 version are fixed when it is planned, from the statistics, ranks and
