@@ -19,10 +19,9 @@ task the step planned, each finished, so the replicas stay on the step's
 policy until its validation is in (they learn of a new policy from the
 adopted state); a report that comes while only validation is out waits for
 it (up to REPORT_WAIT_S). Its acknowledgement carries the step's validation
-summary. A report of a step
-already adopted is answered as applied only when it is the same report
-(policy version, weights path, skipped), as a restarted trainer re-sends
-it, and refused otherwise.
+summary. A report of a step already adopted is answered as applied only
+when it is the same report (policy version, weights path, skipped), as a
+restarted trainer re-sends it, and refused otherwise.
 """
 
 from __future__ import annotations
@@ -139,13 +138,14 @@ class TrainerSide:
                 self._step_complete.wait(min(remaining, 0.5))
             state = self.state
         # Read and decode the groups (a whole batch: ~100 ms at 512 groups) outside the lock, so
-        # that nothing else waits on it; a complete step's groups no longer change until its report.
+        # that nothing else waits on it; a finished step's training groups no longer change until
+        # its report (validation groups may still arrive: then the validation goes with the ack).
         record = state.allocations.get(str(step)) or {}
         groups = stored_groups.decode_all(self.store.step_groups(step))
         failed = self.store.step_failures(step)
         training = self._trained(stored_groups.merge_rounds(
             [g for g in groups if validation.split_of(g["task_id"]) is None]))
-        validation_in = len(groups) + len(failed) == self.store.step_progress(step)[1]
+        validation_in = done == total  # as the wait ended: every group, validation's too, is among those read
         if self.state.step != step:  # adopted meanwhile (a report raced this read): its groups are gone
             raise SchedulerError("failed_precondition", f"step {step} is already trained (current step is "
                                  f"{self.state.step})")

@@ -86,7 +86,7 @@ def _wandb_history(records: list) -> list[dict]:
 def _wandb_errors(root: Path) -> list[str]:
     """wandb-core's own error lines under root: why a transaction log came out short, when it does."""
     return [line.strip() for log in root.rglob("*.log") for line in log.read_text(errors="replace").splitlines()
-            if '"level":"ERROR"' in line or "error" in line.lower()]
+            if "error" in line.lower()]
 
 
 def test_wandb_offline_run_files_hold_every_step(tmp_path, monkeypatch):
