@@ -398,7 +398,7 @@ class FaultConfig(_Section):
 
     nan_steps: list[int] = Field(default_factory=list, description="steps whose loss the trainer makes NaN")
     sampling_delay_s: float = Field(0.0, ge=0, le=600, description="seconds a replica holds each lease's "
-                                    "sampling back, to make rollouts outlast scheduler.lease_s")
+                                    "sampling back: rollouts that outlast scheduler.lease_s, or a step's groups that arrive apart")
     failpoints: list[str] = Field(default_factory=list, description="name=kill|exit|sleep:<s> entries: the "
                                   "process fails at those points (e3.failpoints)")
     failpoints_dir: str | None = Field(None, description="with it, each failpoint fires once: a marker file there")

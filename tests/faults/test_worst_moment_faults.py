@@ -40,6 +40,7 @@ TOKENS = {"generation": "worst-generation-token", "trainer": "worst-trainer-toke
 STEPS = 24
 LEASE_S = 4.0
 LEADER_LEASE_S = 2.0
+SAMPLING_DELAY_S = 0.3
 KILL_POINTS = ["lease.after_store", "submit.after_complete", "report.after_commit"]  # the order they are reached
 story: dict = {}
 
@@ -52,7 +53,11 @@ def stack(tmp_path_factory):
         auth={f"{role}_token": token for role, token in TOKENS.items()},
         data={"train_size": 32}, training={"steps": STEPS, "batch_questions": 4},
         allocation={"n": 4, "n_low": 2, "n_high": 6, "n_update": 2},
-        generation={"replicas": 1, "max_tasks_per_lease": 2},
+        # One lease of 2 of the step's 4 groups at a time, each held back a little: a step's groups come in
+        # two halves with a gap between them wide enough to stop the run inside (on a fast machine a step's
+        # groups otherwise arrive within milliseconds of each other and the third chapter never catches one).
+        generation={"replicas": 1, "max_tasks_per_lease": 2, "leases_in_flight": 1},
+        fault={"sampling_delay_s": SAMPLING_DELAY_S},
         scheduler={"lease_s": LEASE_S, "leader_lease_s": LEADER_LEASE_S},
     )
     run = FaultStack(config, tmp_path_factory.mktemp("worst"), trainer_env={})
@@ -108,13 +113,20 @@ def test_a_second_trainer_supersedes_the_first_which_stops(stack):
     step = stack.state()["step"]
     assert step < STEPS - 2, "the run is nearly over before this fault; raise STEPS"
     stack.second_ports["trainer-2"] = {"http": free_port()}
-    stack.start("trainer-2")
-    assert exit_code(stack, "trainer", timeout_s=120) == 3
+    # Hold the run while the second trainer starts (a minute on a busy machine): the first would otherwise
+    # train the steps the later chapters need. With the only replica frozen no step's groups can finish.
+    stack.freeze(["gen-0"])
+    try:
+        stack.start("trainer-2")
+        assert exit_code(stack, "trainer", timeout_s=120) == 3
+    finally:
+        stack.thaw(["gen-0"])
     log = stack.procs["trainer"].log()
     assert "superseded" in log or "a newer trainer registered" in log, log[-3000:]
     story["superseded"] = stack.procs["trainer"]
     stack.procs["trainer"] = stack.procs.pop("trainer-2")  # the run's trainer from now on
     stack.wait_for_step(stack.state()["step"], timeout_s=240)
+    assert not stack.state()["finished"], "the run ended before the store could be restored; raise STEPS"
 
 
 def test_redis_restored_from_a_copy_earlier_in_the_step_samples_the_lost_groups_again(stack):
