@@ -201,8 +201,8 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
                              f"http://{host}:{ports['reward']}/readyz", env=secret_env(config, "reward"))
         scheduler = stack.start("scheduler", ["services.scheduler", "--config", config_path],
                                 f"http://{host}:{ports['scheduler_http']}/readyz", env=secret_env(config, "scheduler"))
-        stack.wait_ready(reward, 120)
-        stack.wait_ready(scheduler, 120)
+        # Everything starts at once: the replicas' vLLM engines take the longest, and none of them needs the
+        # scheduler until its engine is up; the trainer and the replicas retry while the scheduler starts.
         scheduler_address = f"{host}:{ports['scheduler_grpc']}"
         replicas = [
             stack.start(f"generation-{i}", [
@@ -222,6 +222,8 @@ def start_stack(config: E3Config, run_dir: Path, env: dict | None = None, traine
                 trainer_args = ["torch.distributed.run", "--standalone", f"--nproc-per-node={config.trainer.local_ranks}",
                                 "-m", *trainer_args]
             trainer_service = stack.start("trainer", trainer_args, env=secret_env(config, "trainer"))
+        stack.wait_ready(reward, 120)
+        stack.wait_ready(scheduler, 120)
         for replica in replicas:
             stack.wait_ready(replica, 300)
     except BaseException:

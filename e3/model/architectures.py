@@ -13,39 +13,16 @@ make, build and save models and tokenizers only through these functions.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 
 from e3.model import bpe, llama, qwen2
 from e3.model import tokenizer as char_tokenizer
-from e3.model.llama import ModelSpec
 from e3.model.loading import load_tokenizer
-
-Architecture = Literal["llama", "qwen2"]
-ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
-
-
-def check_architecture(architecture: str) -> str:
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-    return architecture
-
-
-def default_spec(architecture: str) -> ModelSpec:
-    """The sizes of the project's base model of `architecture`."""
-    spec = ModelSpec()
-    if check_architecture(architecture) == "qwen2":
-        # Rotary positions cost no weights: leave room for math prompts.
-        spec = replace(spec, max_position_embeddings=bpe.MODEL_MAX_LENGTH)
-    return spec
-
-
-def tokenizer_settings(architecture: str) -> dict | None:
-    """What decides a trained tokenizer's vocabulary (None for the fixed character tokenizer)."""
-    return bpe.settings() if check_architecture(architecture) == "qwen2" else None
+# What names the architectures and sizes them is torch-free (the launcher's base-model lookup reads it).
+from e3.model.recipe import (ARCHITECTURES, Architecture, ModelSpec, check_architecture,  # noqa: F401
+                             default_spec, tokenizer_settings)
 
 
 def write_tokenizer(architecture: str, directory: Path):

@@ -18,50 +18,22 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from e3.model import architectures
-from e3.model.evaluate import accuracy_of
-from e3.model.llama import count_parameters
-from e3.model.loading import load_causal_lm, load_tokenizer
-from e3.model.warmstart import Recipe, timed_train
+# Only the standard library and e3.model.recipe at import: finding a built model (the launcher does it
+# before any service starts) must not pay for torch and transformers; building one imports them (_build).
+from e3.model.recipe import (ARCHITECTURES, EVAL_PER_LEVEL, EVAL_SEED, RECIPE_VERSION, Recipe,  # noqa: F401
+                             default_recipe, recipe_hash)
 from e3.tasks import arithmetic
 
-# Bump when the training or evaluation code changes what a recipe produces.
-RECIPE_VERSION = 2
 REPORT = "warmstart.json"
-# Valid questions per level in the report: level 4's valid pool (179) bounds it.
-EVAL_PER_LEVEL = 175
-EVAL_SEED = 0
 SAMPLED_EVAL = (8, 1.0)  # samples per question and temperature of the report's pass@1
-
-
-def default_recipe(seed: int = 0, architecture: str = "llama") -> Recipe:
-    """The warm-start recipe the project uses for `architecture` ("llama" or "qwen2"), with the given seed."""
-    return replace(Recipe(), seed=seed, architecture=architecture, spec=architectures.default_spec(architecture))
-
-
-def recipe_hash(recipe: Recipe) -> str:
-    """A short stable digest of everything that decides the base model (a trained tokenizer's settings too)."""
-    fields = asdict(recipe)
-    if recipe.architecture == "llama":
-        # Llama directories built before the architecture was a recipe field keep their hash and are reused.
-        del fields["architecture"]
-    payload = {"version": RECIPE_VERSION, "recipe": fields, "eval": [EVAL_PER_LEVEL, EVAL_SEED]}
-    tokenizer = architectures.tokenizer_settings(recipe.architecture)
-    if tokenizer is not None:
-        payload["tokenizer"] = tokenizer
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def ensure_base_model(root: Path = Path("artifacts"), seed: int = 0, recipe: Recipe | None = None,
@@ -103,6 +75,14 @@ def _build(recipe: Recipe, directory: Path) -> None:
     warm-start uses it as loaded from there; the report evaluates the model
     as loaded back from the saved directory, so it measures what is served.
     """
+    import torch
+
+    from e3.model import architectures
+    from e3.model.evaluate import accuracy_of
+    from e3.model.llama import count_parameters
+    from e3.model.loading import load_causal_lm, load_tokenizer
+    from e3.model.warmstart import timed_train
+
     tokenizer = architectures.write_tokenizer(recipe.architecture, directory)
     trained, train_seconds = timed_train(recipe, tokenizer=tokenizer)
     architectures.save_model_dir(recipe.architecture, trained, directory, directory)
@@ -147,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("artifacts"), help="where model directories live")
     parser.add_argument("--seed", type=int, default=0, help="warm-start seed")
-    parser.add_argument("--architecture", choices=architectures.ARCHITECTURES, default="llama",
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama",
                         help="llama: character tokenizer; qwen2: BPE tokenizer and chat template")
     args = parser.parse_args()
     start = time.perf_counter()

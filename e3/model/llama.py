@@ -23,34 +23,14 @@ libtcmalloc and libiomp are harmless here.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from e3.model import tokenizer as tok
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The sizes of the tiny Llama; `vocab_size` comes from the tokenizer."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
-    intermediate_size: int = 512
-    max_position_embeddings: int = tok.MODEL_MAX_LENGTH
-
-    def __post_init__(self) -> None:
-        if self.hidden_size != self.num_heads * self.head_dim:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} must equal num_heads*head_dim "
-                f"= {self.num_heads}*{self.head_dim}"
-            )
-        if self.head_dim not in (32, 64, 80, 96, 112, 128):
-            raise ValueError(f"head_dim={self.head_dim} is not supported by vLLM's CPU attention")
+from e3.model.recipe import ModelSpec  # noqa: F401 - sized here, defined without torch
 
 
 def llama_config(spec: ModelSpec) -> LlamaConfig:

@@ -8,7 +8,7 @@ tokens and the tokenizer's eos (<eos>, or <|im_end|> to end the chat turn).
 
 The E3 experiments need a base policy with graded competence: near-perfect on
 the easy levels, near zero on the hardest, and partial in the middle so RL
-has something to improve. We get that by two knobs (section "Recipe"): the
+has something to improve. We get that by two knobs of the `Recipe` (e3/model/recipe.py): the
 share of each level in the SFT batches, and a short step budget that stops
 the middle levels before they are learned. The hardest level is still shown
 a little, so the model's answers there have the right shape (four digits)
@@ -41,51 +41,15 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
 from e3.model import architectures
-from e3.model.llama import ModelSpec
+from e3.model.recipe import Recipe  # what decides the weights, defined without torch
 from e3.tasks import arithmetic
 from e3.tasks.prompts import PLAIN_TEMPLATE, render_prompt_ids
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything that decides the warm-started weights (its JSON is hashed into the cache key)."""
-
-    spec: ModelSpec = field(default_factory=ModelSpec)
-    # "llama" (character tokenizer, plain prompts) or "qwen2" (BPE, chat template); see e3/model/architectures.py.
-    architecture: architectures.Architecture = "llama"
-    # Share of each level in every SFT batch; they need not sum to one.
-    level_weights: dict[int, float] = field(
-        default_factory=lambda: {1: 0.36, 2: 0.12, 3: 0.18, 4: 0.20, 5: 0.14}
-    )
-    steps: int = 1200
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    threads: int = 2
-    seed: int = 0
-    # Share of SFT answers shown with one digit off by one (a sloppy teacher),
-    # drawn afresh every batch; see "Why a noisy teacher" above.
-    label_noise: float = 0.3
-
-    def __post_init__(self) -> None:
-        architectures.check_architecture(self.architecture)
-        unknown = set(self.level_weights) - set(arithmetic.LEVELS)
-        if unknown:
-            raise ValueError(f"level_weights has unknown levels {sorted(unknown)}")
-        if any(w < 0 for w in self.level_weights.values()) or sum(self.level_weights.values()) <= 0:
-            raise ValueError(f"level_weights must be non-negative and not all zero: {self.level_weights}")
-        if not 0.0 <= self.label_noise < 1.0:
-            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
 
 
 def encode_pool(level: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,10 @@ Built from the trainer's metrics.jsonl and the launcher's own clock marks
 - final_validation_s: the last train record to the final validation record;
 - shut_down_s: the trainer's exit to every service stopped;
 - cpu_s / cpu_share: CPU seconds per service (its whole process tree) and
-  their share of the machine's cores over the run's wall time.
+  their share of the machine's cores over the run's wall time;
+- cpu_busy_share / cpu_bound_s: every service's CPU seconds together, as a
+  share of the cores over the run, and divided by the cores: the wall time
+  the run's CPU work alone needs, however well it overlaps, on this machine.
 """
 
 from __future__ import annotations
@@ -54,4 +57,7 @@ def run_anatomy(records: Sequence[dict], marks: Mapping[str, float], cpu_s: Mapp
     out["cpu_s"] = {name: round(seconds, 1) for name, seconds in cpu_s.items()}
     out["cpu_share"] = {name: round(seconds / (wall * cores), 3) if wall > 0 else 0.0
                         for name, seconds in cpu_s.items()}
+    total = sum(cpu_s.values())
+    out["cpu_busy_share"] = round(total / (wall * cores), 3) if wall > 0 else 0.0
+    out["cpu_bound_s"] = round(total / cores, 1)
     return out

@@ -34,8 +34,11 @@ def test_phases_validation_and_cpu_shares():
     assert a["validation_s"] == pytest.approx(4.0)
     assert a["final_validation_s"] == 4.0 and a["shut_down_s"] == 2.0
     assert a["cpu_share"] == {"trainer": 0.25, "generation-0": 0.5}
+    # 90 CPU seconds on 2 cores: 45 s of wall time at the least, and the run's 60 s kept them 75% busy.
+    assert a["cpu_busy_share"] == 0.75 and a["cpu_bound_s"] == 45.0
 
 
 def test_a_run_that_stopped_before_training_has_start_up_and_cpu_only():
     a = run_anatomy([], {"started": 0.0, "ready": 20.0, "stopped": 25.0}, {"reward": 1.0}, cores=2)
-    assert a == {"wall_s": 25.0, "start_up_s": 20.0, "cpu_s": {"reward": 1.0}, "cpu_share": {"reward": 0.02}}
+    assert a == {"wall_s": 25.0, "start_up_s": 20.0, "cpu_s": {"reward": 1.0}, "cpu_share": {"reward": 0.02},
+                 "cpu_busy_share": 0.02, "cpu_bound_s": 0.5}
