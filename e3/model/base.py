@@ -2,8 +2,9 @@
 
 `ensure_base_model()` returns `root/base-model-<hash>`, where the hash covers
 the whole warm-start recipe (architecture, model sizes, level mix, steps,
-seed, ...), a trained tokenizer's settings and RECIPE_VERSION, so changing
-any of them builds a new directory and never serves stale weights. Two
+seed, ...), a trained tokenizer's settings and RECIPE_VERSION (all in
+e3/model/recipe.py), so changing any of them builds a new directory and
+never serves stale weights. Two
 architectures are built (e3/model/architectures.py): the character-level
 Llama ("llama", the default) and a Qwen2 with a BPE tokenizer and a chat
 template ("qwen2"). A build happens in a temporary directory beside the

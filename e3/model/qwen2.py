@@ -23,7 +23,7 @@ from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from e3.model.llama import ModelSpec
 
-# The weights' own init scale (initializer_range). Code, not recipe: changing it means bumping base.RECIPE_VERSION.
+# The weights' own init scale (initializer_range). Code, not recipe: changing it means bumping recipe.RECIPE_VERSION.
 BIAS_INIT_STD = 0.02
 
 
