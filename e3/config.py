@@ -251,8 +251,25 @@ class GenerationConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="vLLM weights and activations; auto: float32 on CPU, the model's own dtype on GPUs")
     enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prompt prefixes (a group's n samples)")
+    # Unasked, vLLM gives an engine built as a replica builds it (AsyncLLM) 128 sequences and 2,048 tokens a step
+    # on every platform, where its own API server takes 1,024 and 8,192 on an H100 or H200 and its offline LLM class
+    # 256 and 4,096 on CPU; naming them here keeps the replica and the offline baseline alike (services/bench/throughput.py).
+    max_num_seqs: int = Field(
+        128, ge=1, description="sequences one vLLM engine step holds (a group of n counts n); 128 is what vLLM gives a "
+        "replica's engine unasked; the paper presets take 1,024, as verl's rollout does")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="tokens one vLLM engine step processes, prompt chunks and decodes together; at least "
+        "max_num_seqs")
     seed: int | None = Field(None, description="sampler seed; None: derived from training.seed and the replica id")
     http_port: int = Field(8300, ge=0, le=65535, description="metrics/health port of the first replica")
+
+    @model_validator(mode="after")
+    def _batch_holds_its_sequences(self) -> "GenerationConfig":
+        # vLLM refuses it too, but only once the replica's engine starts, minutes in on a GPU host.
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({self.max_num_seqs}): every sequence of a step needs a token of the step's budget")
+        return self
 
 
 class RewardConfig(_Section):
@@ -521,7 +538,10 @@ _PAPER_RUN: dict[str, Any] = {
     "training": {"batch_questions": 64, "steps": 480, "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
                  "mini_batches": 1, "max_tokens": 6144, "max_tokens_per_micro_batch": 16384},
     "generation": {"tensor_parallel_size": 1, "max_model_len": 4608 + 6144, "dtype": "bfloat16",
-                   "enable_prefix_caching": True},
+                   "enable_prefix_caching": True,
+                   # A step's 64 questions x 8 samples (up to 12 under E3's allocation) decode together, not
+                   # in waves of 128; vLLM's own API server takes the same on an H100 or H200.
+                   "max_num_seqs": 1024, "max_num_batched_tokens": 8192},
     "trainer": {"device": "cuda", "dtype": "bfloat16", "gradient_checkpointing": True},
 }
 PRESETS: dict[str, dict[str, Any]] = {

@@ -67,8 +67,8 @@ def _run(args) -> int:
                   f"(in-loop validation about {a.get('validation_s', 0):.0f}s of it), final validation "
                   f"{a.get('final_validation_s', 0):.0f}s, shut-down {a.get('shut_down_s', 0):.0f}s; CPU s "
                   + ", ".join(f"{name} {seconds:.0f}" for name, seconds in a["cpu_s"].items())
-                  + f"; the cores were {a['cpu_busy_share']:.0%} busy, and the CPU work alone needs "
-                    f"{a['cpu_bound_s']:.0f}s of wall time here")
+                  + f"; the cores were {a['cpu_busy_share']:.0%} busy, and their CPU seconds (polling "
+                    f"included) alone need {a['cpu_bound_s']:.0f}s of wall time here")
     console.print(f"run directory: {run_dir} (metrics.jsonl, plots/, final-model/, logs/)")
     return 0
 

@@ -18,7 +18,10 @@ Built from the trainer's metrics.jsonl and the launcher's own clock marks
   their share of the machine's cores over the run's wall time;
 - cpu_busy_share / cpu_bound_s: every service's CPU seconds together, as a
   share of the cores over the run, and divided by the cores: the wall time
-  the run's CPU work alone needs, however well it overlaps, on this machine.
+  that many CPU seconds need, however well they overlap, on this machine.
+  They include the seconds processes spend polling for work (vLLM's engine
+  core and worker wait on each other that way between engine steps), so
+  this is what the run's processes took, not the least its work could take.
 """
 
 from __future__ import annotations

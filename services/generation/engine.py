@@ -81,6 +81,8 @@ class EngineSettings:
     max_model_len: int | None = None
     dtype: str = "auto"
     enable_prefix_caching: bool = True
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
     seed: int = 0
 
     @classmethod
@@ -91,6 +93,7 @@ class EngineSettings:
             cpu_idle_spin_s=generation.cpu_idle_spin_s,
             tensor_parallel_size=generation.tensor_parallel_size, max_model_len=generation.max_model_len,
             dtype=generation.dtype, enable_prefix_caching=generation.enable_prefix_caching,
+            max_num_seqs=generation.max_num_seqs, max_num_batched_tokens=generation.max_num_batched_tokens,
             seed=generation.seed if generation.seed is not None else seed,
         )
 
@@ -112,6 +115,8 @@ def engine_arguments(model_dir: str | Path, settings: EngineSettings, on_cpu: bo
         tensor_parallel_size=settings.tensor_parallel_size,
         max_model_len=settings.max_model_len,
         enable_prefix_caching=settings.enable_prefix_caching,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
         # Graph capture costs more than it saves for small models on CPU.
         enforce_eager=on_cpu,
         disable_log_stats=True,

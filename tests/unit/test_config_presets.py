@@ -67,6 +67,8 @@ def test_paper_presets_hold_the_papers_numbers(name):
     assert gen.tensor_parallel_size == 1 and gen.dtype == "bfloat16" and gen.enable_prefix_caching
     # At least the reference's context (prompt 2,048 + response 6,144).
     assert gen.max_model_len >= REFERENCE_PROMPT_TOKENS + RESPONSE_TOKENS
+    # Every sample of a step, at E3's largest per-question count, decodes in the same engine step.
+    assert gen.max_num_seqs >= g.batch_questions * a.n_high
 
 
 def test_paper_alias_is_the_1_5b_run():
