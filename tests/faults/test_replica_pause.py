@@ -113,20 +113,26 @@ def test_a_replica_paused_past_its_lease_loses_it_and_its_late_groups_change_not
     late = stack.procs["gen-1"].log()[log_offset:]
     refused = [o["task_id"] for o in orphans if f"group {o['task_id']} refused" in late or f"group {o['task_id']} dropped" in late]
 
-    # A late group under gen-1's expired lease, replayed: not accepted, and nothing counted.
-    attempts = sum(q["attempts"] for q in stack.get(f"{stack.api}/v1/questions", limit=1000))
-    with grpc.insecure_channel(stack.grpc_address) as channel:
-        stub = pb_grpc.SchedulerStub(channel)
-        for task_id, lease_id in stale.items():
-            try:
-                reply = stub.SubmitGroup(late_group(task_id, lease_id), metadata=call_metadata(TOKENS["generation"]),
-                                         timeout=30)
-            except grpc.RpcError as exc:
-                # Refused: the lease is not held any more, or the task's step is trained and gone.
-                assert exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), exc
-            else:
-                assert not reply.accepted and reply.duplicate, reply  # the task is done: gen-0's group stands
-    assert sum(q["attempts"] for q in stack.get(f"{stack.api}/v1/questions", limit=1000)) == attempts
+    # A late group under gen-1's expired lease, replayed: not accepted, and nothing counted. Both replicas are
+    # held meanwhile (and what they had sent has landed), so no group of theirs moves the count between the reads.
+    stack.freeze(["gen-0", "gen-1"])
+    try:
+        time.sleep(SETTLE_S)
+        attempts = sum(q["attempts"] for q in stack.get(f"{stack.api}/v1/questions", limit=1000))
+        with grpc.insecure_channel(stack.grpc_address) as channel:
+            stub = pb_grpc.SchedulerStub(channel)
+            for task_id, lease_id in stale.items():
+                try:
+                    reply = stub.SubmitGroup(late_group(task_id, lease_id),
+                                             metadata=call_metadata(TOKENS["generation"]), timeout=30)
+                except grpc.RpcError as exc:
+                    # Refused: the lease is not held any more, or the task's step is trained and gone.
+                    assert exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), exc
+                else:
+                    assert not reply.accepted and reply.duplicate, reply  # the task is done: gen-0's group stands
+        assert sum(q["attempts"] for q in stack.get(f"{stack.api}/v1/questions", limit=1000)) == attempts
+    finally:
+        stack.thaw(["gen-0", "gen-1"])
 
     deadline = time.monotonic() + 120
     while not stack.state()["finished"]:
